@@ -1,0 +1,66 @@
+"""boto3 clients for the AWS source and sink, and the one place botocore errors are converted.
+
+botocore retries on its own by default; the keeper is the layer that retries, so each client makes
+exactly one attempt with bounded connect/read timeouts. Messages are built from the error code and
+HTTP status only: AWS error text is not vetted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import boto3
+import botocore.exceptions as boto_exc
+from botocore.config import Config
+
+from tokensmith.config import AwsConfig
+from tokensmith.errors import ConfigError, TokensmithError
+
+RETRYABLE_CODES = {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
+                   "RequestThrottled", "SlowDown", "InternalServiceError", "InternalServiceErrorException",
+                   "InternalFailure", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException"}
+NOT_CONFIGURED = (boto_exc.NoCredentialsError, boto_exc.PartialCredentialsError, boto_exc.NoRegionError)
+
+
+def make_client(service: str, config: AwsConfig | None) -> Any:
+    config = config or AwsConfig()
+    settings = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=config.timeout,
+                      read_timeout=config.timeout)
+    try:
+        # a Session per client: boto3's default session is not thread-safe, its clients are
+        return boto3.session.Session().client(service, region_name=config.region, endpoint_url=config.endpoint_url,
+                                              config=settings)
+    except boto_exc.NoRegionError as exc:
+        raise ConfigError("no AWS region: set aws.region or AWS_REGION") from exc
+    except (boto_exc.BotoCoreError, ValueError) as exc:
+        raise ConfigError(f"cannot create the AWS {service} client ({type(exc).__name__})") from exc
+
+
+def error_code(exc: BaseException) -> str | None:
+    if isinstance(exc, boto_exc.ClientError):
+        return exc.response.get("Error", {}).get("Code")
+    return None
+
+
+def map_client_error(exc: Exception, client: str | None, what: str,
+                     error_cls: type[TokensmithError]) -> TokensmithError:
+    """The tokensmith error for a botocore exception; use as `raise map_client_error(...) from exc`."""
+    if isinstance(exc, boto_exc.ClientError):
+        code = error_code(exc) or "unknown error"
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        retryable = code in RETRYABLE_CODES or (isinstance(status, int) and status >= 500)
+        return error_cls(f"{what}: AWS {code}" + (f" (HTTP {status})" if status else ""), client=client,
+                         retryable=retryable)
+    if isinstance(exc, NOT_CONFIGURED):
+        return error_cls(f"{what}: no usable AWS credentials or region ({type(exc).__name__})", client=client,
+                         retryable=False)
+    if isinstance(exc, boto_exc.SSLError):
+        return error_cls(f"{what}: TLS verification with the AWS endpoint failed", client=client, retryable=False)
+    if isinstance(exc, (boto_exc.ConnectionError, boto_exc.HTTPClientError)):
+        kind = "timed out" if isinstance(exc, (boto_exc.ConnectTimeoutError, boto_exc.ReadTimeoutError)) \
+            else "cannot reach the AWS endpoint"
+        return error_cls(f"{what}: {kind}", client=client, retryable=True)
+    if isinstance(exc, boto_exc.ParamValidationError):
+        return error_cls(f"{what}: invalid request parameters", client=client, retryable=False)
+    if isinstance(exc, boto_exc.BotoCoreError):
+        return error_cls(f"{what}: AWS client error ({type(exc).__name__})", client=client, retryable=True)
+    return error_cls(f"{what}: unexpected {type(exc).__name__}", client=client, retryable=False)

@@ -1,0 +1,41 @@
+"""What `rotate` does for a set of clients, shared by the control socket (daemon running) and
+the CLI (no daemon): the same code under the same per-client locks."""
+
+from __future__ import annotations
+
+from tokensmith.compromise import EXIT_FAILED, EXIT_OK, EXIT_SINK_FAILED, operator_identity, rotate_compromised
+
+
+def rotate_plain(daemon, name: str) -> dict:
+    outcome = daemon.refresh_now(name, reason="manual")
+    result = {"client": name, "grant": outcome.grant,
+              "old_token": outcome.old_token.fingerprint if outcome.old_token else None,
+              "new_token": outcome.new_token.fingerprint if outcome.new_token else None,
+              "sinks": {sink: (error or "ok") for sink, error in outcome.sinks.items()},
+              "hooks": outcome.hooks}
+    if not outcome.ok:
+        result.update(result="failed", exit_code=EXIT_FAILED, message=str(outcome.error))
+    elif not outcome.sinks_ok:
+        result.update(result="sink_failed", exit_code=EXIT_SINK_FAILED, message="some sinks were not written")
+    else:
+        result.update(result="rotated", exit_code=EXIT_OK, message="new token written to every sink")
+    return result
+
+
+def rotate_clients(daemon, names, *, compromised=False, accept_unrevoked=False, reload_credentials=False,
+                   verify_url=None, uid=None) -> list[dict]:
+    results = []
+    for name in names:
+        if not compromised:
+            if reload_credentials:
+                daemon.keepers[name].creds = None
+            results.append(rotate_plain(daemon, name))
+            continue
+        keeper = daemon.keepers[name]
+        result = rotate_compromised(
+            keeper, accept_unrevoked=accept_unrevoked, reload_credentials=reload_credentials,
+            verify_url=verify_url, operator=operator_identity(uid), audit_path=daemon.settings.audit_log_path,
+            metrics=daemon.metrics,
+            on_refreshed=(lambda: daemon._reschedule(name, keeper.next_due())) if daemon.scheduler else None)
+        results.append({key: value for key, value in result.items() if key != "finished_at"})
+    return results

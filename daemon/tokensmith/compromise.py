@@ -1,0 +1,196 @@
+"""Compromise rotation: replace a leaked token, invalidate it as well as the provider allows,
+prove it where possible, and leave an audit line. It says honestly what it achieved.
+
+Invalidation, in order of preference (seeds: exchanging a refresh token revokes the access
+token it came with; obtaining a new token does not):
+  a. exchange the held refresh token;
+  b. RFC 7009 revocation of the old access token (and of the old refresh token when it was not
+     spent in step a), when a revocation endpoint is configured;
+  c. neither: the old token stays valid until it expires; exit EXIT_UNREVOKED unless accepted.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import threading
+import time
+
+from tokensmith.errors import TokenEndpointError, TokensmithError
+from tokensmith.tokens import fingerprint
+
+log = logging.getLogger("tokensmith.compromise")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_UNREVOKED = 3
+EXIT_VERIFY_FAILED = 4
+EXIT_SINK_FAILED = 5
+EXIT_UNREACHABLE = 6
+
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _compromise_lock(name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault(name, threading.Lock())
+
+
+def operator_identity(uid: int | None = None) -> dict:
+    uid = os.getuid() if uid is None else uid
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        user = getpass.getuser() if uid == os.getuid() else str(uid)
+    return {"uid": uid, "user": user}
+
+
+def verify_with_resource(url: str, old_token: str, new_token: str, session, timeout: float) -> str:
+    import requests
+
+    try:
+        old = session.get(url, headers={"Authorization": f"Bearer {old_token}"}, timeout=timeout,
+                          allow_redirects=False)
+        new = session.get(url, headers={"Authorization": f"Bearer {new_token}"}, timeout=timeout,
+                          allow_redirects=False)
+    except requests.RequestException as exc:
+        return f"error: {type(exc).__name__}"
+    if old.status_code != 401:
+        return f"failed: old token got HTTP {old.status_code}"
+    if not 200 <= new.status_code < 300:
+        return f"failed: new token got HTTP {new.status_code}"
+    return "verified"
+
+
+def rotate_compromised(keeper, *, accept_unrevoked: bool = False, reload_credentials: bool = False,
+                       verify_url: str | None = None, operator: dict | None = None, audit_path=None,
+                       metrics=None, on_refreshed=None) -> dict:
+    target = fingerprint(keeper.state.access_token) if keeper.state.access_token else None
+    requested_at = time.time()
+    with _compromise_lock(keeper.name):
+        last = keeper.last_compromise
+        if last and target and last["old_token"] == target and last["finished_at"] >= requested_at:
+            return dict(last, coalesced=True)
+        result = _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, on_refreshed)
+        result["finished_at"] = time.time()
+        keeper.last_compromise = result
+    if audit_path is not None:
+        append_audit(audit_path, result)
+    if metrics is not None and hasattr(metrics, "compromise_rotation"):
+        metrics.compromise_rotation(keeper.name, result["result"])
+    level = logging.WARNING if result["exit_code"] else logging.INFO
+    log.log(level, "compromise rotation: %s (old %s, new %s, invalidation %s, verification %s)", result["result"],
+            result["old_token"], result["new_token"], result["invalidation"], result["verification"],
+            extra={"client": keeper.name, "event": "compromise_rotation"})
+    return result
+
+
+def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, on_refreshed) -> dict:
+    result = {"time": time.time(), "client": keeper.name, "operator": operator or operator_identity(),
+              "old_token": None, "new_token": None,
+              "reload_credentials": reload_credentials, "steps": [], "invalidation": "none",
+              "verification": "unverified", "sinks": {}, "hooks": [], "result": "", "exit_code": EXIT_OK,
+              "coalesced": False}
+    steps = result["steps"]
+
+    outcome = keeper.refresh(reason="compromised", exchange=True, reload_credentials=reload_credentials)
+    if on_refreshed is not None:
+        on_refreshed()
+    old = outcome.old_token  # what was current when the rotation took the lock
+    old_access = old.access_token if old else None
+    old_refresh = old.refresh_token if old else None
+    paired = outcome.old_paired
+    result["old_token"] = old.fingerprint if old else None
+    if not outcome.ok:
+        result.update(result="failed", exit_code=EXIT_FAILED,
+                      message=f"no new token: {outcome.error}; the old token is still valid")
+        if outcome.fell_back:
+            steps.append({"step": "refresh_exchange", "result": f"rejected ({outcome.fell_back})"})
+        return result
+    new = outcome.new_token
+    result["new_token"] = new.fingerprint
+    result["grant"] = outcome.grant
+    result["sinks"] = {name: (error or "ok") for name, error in outcome.sinks.items()}
+    result["hooks"] = outcome.hooks
+    invalidated = []
+
+    spent_refresh = outcome.grant == "refresh_token" and outcome.exchanged_refresh_token
+    if outcome.fell_back:
+        steps.append({"step": "refresh_exchange", "result": f"rejected ({outcome.fell_back})"})
+    elif spent_refresh and old_access:
+        if paired:
+            steps.append({"step": "refresh_exchange", "result": "ok"})
+            invalidated.append("refresh_exchange")
+        else:
+            steps.append({"step": "refresh_exchange",
+                          "result": "ok, but the old access token was not issued with that refresh token"})
+
+    creds = keeper.creds
+    if keeper.client.revocation_url and old_access and creds is not None:
+        targets = [("access_token", old_access)]
+        if old_refresh and not spent_refresh:
+            targets.append(("refresh_token", old_refresh))
+        for hint, value in targets:
+            try:
+                keeper.token_client.revoke(value, hint, creds)
+            except TokensmithError as exc:
+                steps.append({"step": f"revoke_{hint}", "result": f"failed: {exc.message}"})
+                continue
+            steps.append({"step": f"revoke_{hint}", "result": "ok"})
+            if hint == "access_token":
+                invalidated.append("revocation")
+    result["invalidation"] = "+".join(invalidated) if invalidated else "none"
+
+    if old_access and keeper.client.introspection_url and creds is not None:
+        try:
+            active = keeper.token_client.introspect(old_access, creds)
+            result["verification"] = "failed: old token still active" if active else "verified"
+        except TokenEndpointError as exc:
+            result["verification"] = f"error: {exc.message}"
+    if old_access and verify_url:
+        by_resource = verify_with_resource(verify_url, old_access, new.access_token, keeper.token_client.session,
+                                           keeper.client.timeout)
+        result["verify_url"] = by_resource
+        if result["verification"] in ("unverified", "verified") or by_resource != "verified":
+            result["verification"] = by_resource
+
+    if not old_access:
+        result.update(result="no_old_token", message="there was no token to invalidate; a new one was written")
+    elif result["verification"].startswith(("failed", "error")):
+        result.update(result="verification_failed", exit_code=EXIT_VERIFY_FAILED,
+                      message="the old token could not be shown to be invalid")
+    elif not invalidated:
+        result.update(result="unrevoked",
+                      message="the provider offers no way to invalidate the old token: it stays valid until "
+                              f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(outcome.old_token.expires_at))}")
+        if not accept_unrevoked:
+            result["exit_code"] = EXIT_UNREVOKED
+    else:
+        result.update(result="rotated", message=f"old token invalidated by {result['invalidation']}")
+    if not outcome.sinks_ok:
+        result["message"] += "; some sinks were not written"
+        if result["exit_code"] in (EXIT_OK, EXIT_UNREVOKED):
+            result["exit_code"] = EXIT_SINK_FAILED
+    if any(not hook["ok"] for hook in outcome.hooks):
+        result["message"] += "; a consumer hook failed"
+    return result
+
+
+def append_audit(path, result: dict) -> None:
+    record = {key: result[key] for key in ("time", "client", "operator", "old_token", "new_token", "grant",
+                                           "reload_credentials", "steps", "invalidation", "verification",
+                                           "sinks", "hooks", "result", "exit_code") if key in result}
+    record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
+    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

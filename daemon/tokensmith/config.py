@@ -1,0 +1,473 @@
+"""Typed configuration: one YAML file, every field overridable from TOKENSMITH_* variables.
+
+The full annotated format is in docs/config-schema.md. Models reject fields they do not know
+(extra="forbid"); backends are a discriminated union on `type`; secrets are SecretStr.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tokensmith.errors import ConfigError
+
+ENV_PREFIX = "TOKENSMITH_"
+CONFIG_ENV = "TOKENSMITH_CONFIG"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KeyMap(Model):
+    client_id: str = "client_id"
+    client_secret: str = "client_secret"
+    username: str = "username"
+    password: str = "password"
+    refresh_token: str = "refresh_token"
+
+
+class VaultSourceConfig(Model):
+    type: Literal["vault"]
+    mount: str = "secret"
+    path: str
+    kv_version: Literal[1, 2] = 2
+    keys: KeyMap = KeyMap()
+
+
+class AwsSourceConfig(Model):
+    type: Literal["aws"]
+    secret_id: str
+    keys: KeyMap = KeyMap()
+
+
+class FileSourceConfig(Model):
+    type: Literal["file"]
+    path: Path
+    keys: KeyMap = KeyMap()
+
+
+class EnvSourceConfig(Model):
+    type: Literal["env"]
+    prefix: str = ""
+    keys: KeyMap = KeyMap()
+
+
+SourceConfig = Annotated[
+    Union[VaultSourceConfig, AwsSourceConfig, FileSourceConfig, EnvSourceConfig],
+    Field(discriminator="type"),
+]
+
+
+def _octal_mode(value: Any) -> int:
+    if isinstance(value, int):
+        mode = value
+    else:
+        text = str(value).strip()
+        if not re.fullmatch(r"0?o?[0-7]{3,4}", text):
+            raise ValueError("must be an octal file mode such as \"0600\"")
+        mode = int(text.replace("o", ""), 8)
+    if mode & 0o007:
+        raise ValueError("token files must not be readable or writable by others (use 0600 or 0640)")
+    if mode & 0o111:
+        raise ValueError("token files must not be executable")
+    return mode
+
+
+class FileSinkConfig(Model):
+    type: Literal["file"]
+    path: Path
+    format: Literal["raw", "json", "env"] = "raw"
+    env_key: str = "ACCESS_TOKEN"
+    mode: int = 0o600
+    group: str | None = None
+
+    _check_mode = field_validator("mode", mode="before")(_octal_mode)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError("must be an absolute path")
+        return path
+
+
+class VaultSinkConfig(Model):
+    type: Literal["vault"]
+    mount: str = "secret"
+    path: str
+
+
+class AwsSinkConfig(Model):
+    type: Literal["aws"]
+    secret_id: str
+    kms_key_id: str | None = None
+
+
+SinkConfig = Annotated[
+    Union[FileSinkConfig, VaultSinkConfig, AwsSinkConfig],
+    Field(discriminator="type"),
+]
+
+
+class SignalHookConfig(Model):
+    type: Literal["signal"]
+    pid_file: Path
+    signal: str = "HUP"
+
+    @field_validator("signal")
+    @classmethod
+    def _known_signal(cls, name: str) -> str:
+        import signal
+
+        name = name.upper().removeprefix("SIG")
+        if not hasattr(signal, "SIG" + name):
+            raise ValueError(f"unknown signal {name!r}")
+        return name
+
+
+class CommandHookConfig(Model):
+    type: Literal["command"]
+    argv: list[str] = Field(min_length=1)
+    timeout: float = Field(10.0, gt=0, le=300)
+
+
+HookConfig = Annotated[Union[SignalHookConfig, CommandHookConfig], Field(discriminator="type")]
+
+
+class RefreshPolicy(Model):
+    strategy: Literal["refresh_token", "reissue"] = "refresh_token"
+    at_fraction: float = Field(0.75, gt=0, lt=1)
+    min_lead: float = Field(60.0, ge=0)
+    jitter: float = Field(0.1, ge=0, lt=0.5)
+    default_lifetime: float = Field(3600.0, gt=0)
+    refresh_token_lifetime: float = Field(7 * 24 * 3600.0, gt=0)
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_max: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "RefreshPolicy":
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        return self
+
+
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials in the URL")
+    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
+        raise ValueError("plain http is refused for a non-loopback host; use https or set allow_insecure_http: true")
+    return url
+
+
+class ClientConfig(Model):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+    token_url: str
+    grant: Literal["client_credentials", "password", "refresh_token"] = "client_credentials"
+    auth_style: Literal["basic", "post", "json", "query"] = "post"
+    scope: str | None = None
+    audience: str | None = None
+    extra_params: dict[str, str] = {}
+    allow_insecure_http: bool = False
+    ca_bundle: Path | None = None
+    timeout: float = Field(10.0, gt=0, le=120)
+    revocation_url: str | None = None
+    introspection_url: str | None = None
+    source: SourceConfig
+    refresh: RefreshPolicy = RefreshPolicy()
+    sinks: list[SinkConfig] = Field(min_length=1)
+    hooks: list[HookConfig] = []
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "ClientConfig":
+        for field in ("token_url", "revocation_url", "introspection_url"):
+            url = getattr(self, field)
+            if url is not None:
+                try:
+                    check_endpoint_url(url, self.allow_insecure_http)
+                except ValueError as exc:
+                    raise ValueError(f"{field} {exc}") from None
+        reserved = {"grant_type", "client_id", "client_secret", "username", "password", "refresh_token"}
+        clash = reserved & set(self.extra_params)
+        if clash:
+            raise ValueError(f"extra_params must not set {', '.join(sorted(clash))}; those come from the source")
+        if self.strategy_needs_primary_grant and self.grant == "refresh_token":
+            raise ValueError("refresh.strategy reissue needs a primary grant that can issue a new token "
+                             "(client_credentials or password), not refresh_token")
+        return self
+
+    @property
+    def strategy_needs_primary_grant(self) -> bool:
+        return self.refresh.strategy == "reissue"
+
+
+class VaultAuthConfig(Model):
+    method: Literal["token", "approle", "kubernetes"] = "token"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id: SecretStr | None = None
+    secret_id_file: Path | None = None
+    mount_point: str | None = None
+    role: str | None = None
+    jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "VaultAuthConfig":
+        if self.method == "token" and not (self.token or self.token_file):
+            raise ValueError("method token needs token or token_file")
+        if self.method == "approle" and not (self.role_id and (self.secret_id or self.secret_id_file)):
+            raise ValueError("method approle needs role_id and secret_id (or secret_id_file)")
+        if self.method == "kubernetes" and not self.role:
+            raise ValueError("method kubernetes needs role")
+        return self
+
+
+class VaultConfig(Model):
+    address: str
+    namespace: str | None = None
+    ca_bundle: Path | None = None
+    timeout: float = Field(10.0, gt=0, le=120)
+    allow_insecure_http: bool = False
+    auth: VaultAuthConfig
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, url: str, info) -> str:
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> "VaultConfig":
+        check_endpoint_url(self.address, self.allow_insecure_http)
+        return self
+
+
+class AwsConfig(Model):
+    region: str | None = None
+    endpoint_url: str | None = None
+    timeout: float = Field(10.0, gt=0, le=120)
+
+
+class LogConfig(Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["plain", "json"] = "plain"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class HealthConfig(Model):
+    enabled: bool = True
+    listen: str = Field("127.0.0.1:9464", pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+
+
+class SchedulerConfig(Model):
+    max_workers: int = Field(8, ge=1, le=256)
+    ready_timeout: float = Field(30.0, gt=0)
+
+
+def _default_runtime_dir() -> Path:
+    return Path(os.environ.get("RUNTIME_DIRECTORY", "/run/tokensmith").split(":")[0])
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/tokensmith").split(":")[0])
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    runtime_dir: Path = Field(default_factory=_default_runtime_dir)
+    audit_log: Path | None = None
+    control_socket_group: str | None = None
+    log: LogConfig = LogConfig()
+    health: HealthConfig = HealthConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    vault: VaultConfig | None = None
+    aws: AwsConfig | None = None
+    clients: list[ClientConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # The stock env source cannot address list items, so YAML and env are merged by one source.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "Settings":
+        seen: set[str] = set()
+        for client in self.clients:
+            if client.name in seen:
+                raise ValueError(f"client name {client.name!r} is used twice; names must be unique")
+            seen.add(client.name)
+        paths: dict[Path, str] = {}
+        for client in self.clients:
+            for sink in client.sinks:
+                if isinstance(sink, FileSinkConfig):
+                    if sink.path in paths:
+                        raise ValueError(f"file sink {sink.path} is written by both {paths[sink.path]} and {client.name}")
+                    paths[sink.path] = client.name
+        uses = {kind for client in self.clients for kind in backend_types(client)}
+        if "vault" in uses and self.vault is None:
+            raise ValueError("a client uses Vault (source or sink type vault) but the top-level vault section is missing")
+        return self
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self.audit_log or self.state_dir / "audit.log"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    def client(self, name: str) -> ClientConfig:
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise KeyError(name)
+
+
+def backend_types(client: ClientConfig) -> set[str]:
+    return {client.source.type} | {sink.type for sink in client.sinks}
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_path(tree: Any, path: list[str], value: Any, var: str) -> None:
+    head, rest = path[0], path[1:]
+    if isinstance(tree, list):
+        if head.isdigit():
+            index = int(head)
+            if index >= len(tree):
+                raise ConfigError(f"{var}: clients[{index}] does not exist in the config file")
+        else:
+            wanted = head.lower().replace("-", "_")
+            names = [str(item.get("name", "")).lower().replace("-", "_") if isinstance(item, dict) else ""
+                     for item in tree]
+            if wanted not in names:
+                raise ConfigError(f"{var}: no client named {head.lower()!r} in the config file")
+            index = names.index(wanted)
+        if not rest:
+            tree[index] = value
+        else:
+            if not isinstance(tree[index], dict):
+                tree[index] = {}
+            _set_path(tree[index], rest, value, var)
+        return
+    key = head.lower()
+    if not rest:
+        tree[key] = value
+        return
+    child = tree.get(key)
+    if not isinstance(child, (dict, list)):
+        child = tree[key] = {}
+    _set_path(child, rest, value, var)
+
+
+def apply_env_overrides(data: dict, environ: dict[str, str]) -> dict:
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+            continue
+        path = [part for part in var[len(ENV_PREFIX):].split("__") if part]
+        if path:
+            _set_path(data, path, _parse_env_value(environ[var]), var)
+    return data
+
+
+def read_config_data(path: Path | None, environ: dict[str, str] | None = None) -> dict:
+    environ = dict(os.environ if environ is None else environ)
+    if path is None and environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return apply_env_overrides(data, environ)
+
+
+HINTS = {
+    "missing": "add this field",
+    "extra_forbidden": "unknown field: check its spelling against docs/config-schema.md",
+    "union_tag_invalid": "set type to one of the listed backends",
+    "union_tag_not_found": "add a type field naming the backend",
+    "literal_error": "use one of the listed values",
+    "string_pattern_mismatch": "use letters, digits, '.', '_' or '-'",
+    "too_short": "add at least one entry",
+}
+
+
+def describe_errors(exc: ValidationError, data: Any) -> list[str]:
+    """One line per problem: the field path (with client names), the message, a hint. No input values."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        parts: list[str] = []
+        node = data
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                label = f"[{loc}]"
+                if isinstance(node, list) and loc < len(node) and isinstance(node[loc], dict) and node[loc].get("name"):
+                    label = f"[{loc}]({node[loc]['name']})"
+                parts.append(label)
+                node = node[loc] if isinstance(node, list) and loc < len(node) else None
+            else:
+                if loc in ("vault", "aws", "file", "env", "signal", "command") and parts and isinstance(node, dict) \
+                        and node.get("type") == loc:
+                    continue
+                parts.append(("." if parts else "") + str(loc))
+                node = node.get(loc) if isinstance(node, dict) else None
+        where = "".join(parts) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        hint = HINTS.get(err["type"])
+        lines.append(f"{where}: {message}" + (f" (hint: {hint})" if hint else ""))
+    return lines
+
+
+def load_settings(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Settings:
+    data = read_config_data(Path(path) if path else None, environ)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = describe_errors(exc, data)
+        error = ConfigError(f"{len(problems)} problem(s) in config: " + "; ".join(problems))
+        error.problems = problems
+        raise error from None

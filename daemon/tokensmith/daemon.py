@@ -1,0 +1,276 @@
+"""The daemon: one keeper per client, driven by APScheduler with a bounded worker pool, plus the
+control socket, the health/metrics server and the systemd notify protocol around them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+
+from tokensmith.backends import Backends
+from tokensmith.config import Settings, load_settings
+from tokensmith.errors import ConfigError, SinkError, TokensmithError
+from tokensmith.hooks import Hooks
+from tokensmith.keeper import Keeper
+from tokensmith.sinks import build_sinks
+from tokensmith.sources import build_source
+from tokensmith.state import StateStore
+from tokensmith.tokenclient import TokenClient, make_session
+
+log = logging.getLogger("tokensmith.daemon")
+
+OVERDUE_GRACE = 30.0
+
+
+def utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, timezone.utc)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_path=None, *, clock=time.time, metrics=None, serve=True):
+        self.settings = settings
+        self.config_path = config_path
+        self.clock = clock
+        self.serve = serve
+        self.store = StateStore(settings.state_dir)
+        self.backends = Backends(settings)
+        self.session = make_session(settings.scheduler.max_workers)
+        self.hooks = Hooks()
+        self.keepers: dict[str, Keeper] = {}
+        self.scheduler = None
+        self.control = None
+        self.health = None
+        self.notifier = None
+        self.metrics = metrics
+        self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self.wake = threading.Event()
+        self._daemon_lock_fd = None
+        self._reload_lock = threading.Lock()
+
+    # ---- construction
+
+    def make_keeper(self, client) -> Keeper:
+        source = build_source(client, self.backends)
+        sinks = build_sinks(client, self.backends)
+        keeper = Keeper(client, source, sinks, TokenClient(client, self.session, self.clock), self.store,
+                        clock=self.clock, metrics=self.metrics, hooks=self.hooks)
+        try:
+            keeper.check_sinks()
+        except SinkError as exc:
+            raise ConfigError(str(exc), client=None) from exc
+        keeper.load()
+        return keeper
+
+    def build(self) -> None:
+        self.store.prepare()
+        if self.serve:
+            self._daemon_lock_fd = self.store.try_daemon_lock()
+            if self._daemon_lock_fd is None:
+                raise ConfigError(f"another tokensmith daemon already uses state directory {self.settings.state_dir}")
+        if self.metrics is None and self.serve:
+            from tokensmith.metrics import Metrics
+
+            self.metrics = Metrics(keepers=lambda: self.keepers)
+        for client in self.settings.clients:
+            self.keepers[client.name] = self.make_keeper(client)
+
+    # ---- scheduling
+
+    def start(self) -> None:
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(self.settings.scheduler.max_workers)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone=timezone.utc)
+        if self.serve:
+            self._start_servers()  # before any worker thread: the control socket is bound under a umask
+        self.scheduler.start()
+        for name, keeper in self.keepers.items():
+            self._add_job(name, keeper)
+
+    def _add_job(self, name: str, keeper: Keeper) -> None:
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        # The keeper decides every next run itself (see _run); the interval only keeps the job alive.
+        self.scheduler.add_job(self._run, IntervalTrigger(weeks=520, timezone=timezone.utc), args=[name], id=name,
+                               name=name, next_run_time=utc(max(keeper.next_due(), self.clock())),
+                               replace_existing=True)
+
+    def _run(self, name: str) -> None:
+        keeper = self.keepers.get(name)
+        if keeper is None:
+            return
+        try:
+            due = keeper.run_due()
+        except Exception:  # a keeper bug must not kill the job
+            log.exception("keeper crashed; retrying in 60s", extra={"client": name, "event": "keeper_crashed"})
+            due = self.clock() + 60
+        self._reschedule(name, due)
+
+    def _reschedule(self, name: str, due: float) -> None:
+        from apscheduler.jobstores.base import JobLookupError
+
+        # Runs after APScheduler has stored the interval's next time (it holds the jobstore lock
+        # from submitting the job until then), so this modification always wins.
+        try:
+            self.scheduler.modify_job(name, next_run_time=utc(max(due, self.clock())))
+        except JobLookupError:
+            pass
+
+    # ---- requests from the control socket and the CLI
+
+    def refresh_now(self, name: str, **kwargs):
+        keeper = self.keepers[name]
+        outcome = keeper.refresh(**kwargs)
+        if self.scheduler is not None:
+            self._reschedule(name, keeper.next_due())
+        return outcome
+
+    def statuses(self) -> list[dict]:
+        return [keeper.status() for keeper in list(self.keepers.values())]
+
+    def healthy(self) -> bool:
+        if self.scheduler is None or not self.scheduler.running:
+            return False
+        thread = getattr(self.scheduler, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return False
+        now = self.clock()
+        for keeper in list(self.keepers.values()):
+            if not keeper.lock.locked() and keeper.next_due() < now - OVERDUE_GRACE - keeper.client.timeout:
+                return False
+        return True
+
+    def not_ready(self) -> list[str]:
+        return [name for name, keeper in list(self.keepers.items()) if not keeper.ready()]
+
+    def wait_first_tokens(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop_event.is_set():
+            missing = self.not_ready()
+            if not missing:
+                return []
+            time.sleep(0.05)
+        return self.not_ready()
+
+    # ---- reload
+
+    def reload(self) -> bool:
+        """Apply a changed config: add, remove and replace changed clients; leave the others alone."""
+        with self._reload_lock:
+            try:
+                settings = load_settings(self.config_path)
+            except ConfigError as exc:
+                log.error("reload refused, keeping the running config: %s", exc, extra={"event": "reload_failed"})
+                return False
+            new = {client.name: client for client in settings.clients}
+            changed_globals = (settings.vault != self.settings.vault or settings.aws != self.settings.aws)
+            if changed_globals:
+                self.backends = Backends(settings)
+            fresh: dict[str, Keeper] = {}
+            try:
+                for name, client in new.items():
+                    current = self.keepers.get(name)
+                    if current is None or current.client != client or changed_globals:
+                        fresh[name] = self.make_keeper(client)
+            except TokensmithError as exc:
+                log.error("reload refused, keeping the running config: %s", exc, extra={"event": "reload_failed"})
+                return False
+            self.settings = settings
+            for name in [name for name in self.keepers if name not in new]:
+                keeper = self.keepers.pop(name)
+                with keeper.lock:
+                    pass
+                if self.scheduler is not None:
+                    try:
+                        self.scheduler.remove_job(name)
+                    except Exception:
+                        pass
+                if self.metrics is not None and hasattr(self.metrics, "forget"):
+                    self.metrics.forget(name)
+                log.info("client removed", extra={"client": name, "event": "client_removed"})
+            for name, keeper in fresh.items():
+                old = self.keepers.get(name)
+                if old is not None:
+                    with old.lock:  # let a refresh in flight finish, then take over its state
+                        keeper.load()
+                        keeper.creds = None
+                self.keepers[name] = keeper
+                if self.scheduler is not None:
+                    self._add_job(name, keeper)
+                log.info("client %s", "changed" if old else "added",
+                         extra={"client": name, "event": "client_changed" if old else "client_added"})
+            return True
+
+    # ---- servers and the main loop
+
+    def _start_servers(self) -> None:
+        from tokensmith.control import ControlServer
+        from tokensmith.sdnotify import Notifier
+
+        self.notifier = Notifier()
+        self.control = ControlServer(self.settings, self)
+        self.control.start()
+        if self.settings.health.enabled:
+            from tokensmith.health import HealthServer
+
+            self.health = HealthServer(self.settings.health.listen, self)
+            self.health.start()
+
+    def run_forever(self) -> int:
+        def on_stop(*_):
+            self.stop_event.set()
+            self.wake.set()
+
+        def on_reload(*_):
+            self.reload_requested.set()
+            self.wake.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+        missing = self.wait_first_tokens(self.settings.scheduler.ready_timeout)
+        total = len(self.keepers)
+        if missing:
+            status = f"{total - len(missing)}/{total} clients have tokens; missing: {', '.join(missing[:20])}"
+        else:
+            status = f"{total} clients have fresh tokens"
+        log.info("ready: %s", status, extra={"event": "ready"})
+        self.notifier.ready(status)
+        interval = self.notifier.watchdog_interval() or 5.0
+        while not self.stop_event.is_set():
+            self.wake.wait(min(interval, 5.0))
+            self.wake.clear()
+            if self.stop_event.is_set():
+                break
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.notifier.reloading()
+                self.reload()
+                self.notifier.ready(f"reloaded; {len(self.keepers)} clients")
+            if self.healthy():
+                self.notifier.watchdog()
+                missing = self.not_ready()
+                self.notifier.status(f"{len(self.keepers) - len(missing)}/{len(self.keepers)} clients ready")
+        self.notifier.stopping()
+        log.info("stopping", extra={"event": "stopping"})
+        self.stop()
+        return 0
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.control is not None:
+            self.control.stop()
+        if self.health is not None:
+            self.health.stop()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self._daemon_lock_fd is not None:
+            os.close(self._daemon_lock_fd)
+            self._daemon_lock_fd = None

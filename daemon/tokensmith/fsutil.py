@@ -1,0 +1,61 @@
+"""Atomic, crash-safe file replacement, shared by the file sink and the state directory."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+TEMP_PREFIX = ".tokensmith-"
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> None:
+    """Replace `path` with `data` so a reader sees the old file or the new one, never a part.
+
+    The temp file is created with its final mode (never briefly wider), in the same directory so
+    the rename is atomic, fsynced before the rename and the directory fsynced after it. A symlink
+    at `path` is replaced, never written through.
+    """
+    directory = path.parent
+    temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if gid is not None:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)  # the umask may have narrowed it; it can never have widened it
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(directory: Path, name: str | None = None) -> int:
+    """Delete temp files a crash left behind (for one target name, or all); returns how many."""
+    removed = 0
+    pattern = f"{TEMP_PREFIX}{name}.*.tmp" if name else f"{TEMP_PREFIX}*.tmp"
+    for temp in directory.glob(pattern):
+        try:
+            temp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed

@@ -1,0 +1,339 @@
+"""The per-client keeper: when to refresh, which grant to use, retries, the single-flight lock,
+and fan-out to sinks. It is the one layer that retries; sources, the token client and sinks
+raise typed errors and never retry by themselves.
+
+Order of a refresh, chosen so a crash at any instant loses nothing:
+  1. obtain the token (a refresh-token exchange spends the old refresh token at the provider);
+  2. persist state with the new token and new refresh token, before anything else uses them;
+  3. write every sink (failures are retried later with backoff, without a new token);
+  4. persist which sinks hold the token, then run the consumer hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+from tokensmith.errors import SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
+from tokensmith.state import ClientState, StateStore
+from tokensmith.tokens import Token, fingerprint
+
+log = logging.getLogger("tokensmith.keeper")
+
+RETRY_FLOOR = 0.05
+
+
+class NullMetrics:
+    def refresh_attempt(self, client, grant): pass
+    def refresh_result(self, client, ok, reason, seconds, token): pass
+    def sink_failure(self, client, sink_type): pass
+
+
+@dataclass
+class Outcome:
+    client: str
+    ok: bool
+    reason: str
+    grant: str | None = None
+    old_token: Token | None = None
+    new_token: Token | None = None
+    exchanged_refresh_token: bool = False
+    fell_back: str | None = None
+    old_paired: bool = False  # the held refresh token came in the same response as the old access token
+    sinks: dict[str, str | None] = field(default_factory=dict)
+    hooks: list[dict] = field(default_factory=list)
+    error: TokensmithError | None = None
+
+    @property
+    def sinks_ok(self) -> bool:
+        return all(error is None for error in self.sinks.values())
+
+
+class Keeper:
+    def __init__(self, client, source, sinks, token_client, store: StateStore, *, clock=time.time,
+                 rng: random.Random | None = None, metrics=None, hooks=None):
+        self.client = client
+        self.name = client.name
+        self.source = source
+        self.sinks = sinks
+        self.token_client = token_client
+        self.store = store
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.metrics = metrics or NullMetrics()
+        self.hooks = hooks
+        self.lock = threading.Lock()
+        self.creds = None
+        self.failures = 0
+        self.sink_failures = 0
+        self.retry_at = 0.0
+        self.sink_retry_at = 0.0
+        self.refresh_at = 0.0
+        self.state = ClientState()
+        self.generation = 0
+        self.last_compromise = None
+
+    # ---- start-up
+
+    def load(self) -> None:
+        try:
+            state = self.store.load(self.name)
+        except StateError as exc:
+            log.warning("%s", exc, extra={"client": self.name, "event": "state_unreadable"})
+            state = None
+        self.state = state or ClientState()
+        token = self.state.token
+        if token and token.expires_at > self.clock():
+            self.refresh_at = self.schedule_for(token)
+            log.info("kept token %s from state, expires_at=%d next_refresh=%d", token.fingerprint, token.expires_at,
+                     self.refresh_at, extra={"client": self.name, "event": "token_kept"})
+        else:
+            self.refresh_at = 0.0
+
+    def check_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.check()
+
+    # ---- timing
+
+    def schedule_for(self, token: Token) -> float:
+        policy = self.client.refresh
+        lifetime = max(token.lifetime, 0.0)
+        jitter = self.rng.uniform(-policy.jitter, policy.jitter) * lifetime
+        planned = token.obtained_at + policy.at_fraction * lifetime + jitter
+        # min_lead wins over the fraction, but a lifetime shorter than min_lead must not cause a refresh loop
+        latest = max(token.expires_at - policy.min_lead, token.obtained_at + lifetime * min(policy.at_fraction, 0.5))
+        return min(planned, latest)
+
+    def next_due(self) -> float:
+        if self.failures:
+            due = self.retry_at
+        else:
+            due = self.refresh_at
+        if self.pending_sinks():
+            due = min(due, self.sink_retry_at)
+        return due
+
+    def pending_sinks(self) -> list:
+        current = fingerprint(self.state.access_token) if self.state.access_token else None
+        if current is None:
+            return []
+        return [sink for sink in self.sinks if self.state.sinks_written.get(sink.name) != current]
+
+    def backoff(self, attempt: int, error: TokensmithError | None) -> float:
+        policy = self.client.refresh
+        cap = min(policy.backoff_max, policy.backoff_initial * 2 ** min(attempt - 1, 30))
+        if error is not None and not error.retryable:
+            cap = policy.backoff_max
+        delay = self.rng.uniform(RETRY_FLOOR, max(cap, RETRY_FLOOR))
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after:
+            delay = max(delay, retry_after)
+        return delay
+
+    # ---- work
+
+    def run_due(self) -> float:
+        """Called by the scheduler: do whatever is due, return when to be called next."""
+        with self.lock:
+            now = self.clock()
+            if now >= self.next_due() and (self.failures or now >= self.refresh_at or not self.state.access_token):
+                self._refresh(reason="scheduled")
+            elif self.pending_sinks() and now >= self.sink_retry_at:
+                self._write_sinks(self.state.token, Outcome(self.name, True, "sink_retry"))
+            return self.next_due()
+
+    def refresh(self, *, reason: str = "manual", exchange: bool = False, reload_credentials: bool = False) -> Outcome:
+        """A refresh on request (CLI, control socket, compromise). Waits for one already running."""
+        with self.lock:
+            return self._refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
+
+    def _credentials(self, fresh: bool):
+        if self.creds is not None and not fresh:
+            return self.creds
+        try:
+            self.creds = self.source.read()
+        except SourceError as exc:
+            if self.creds is None:
+                raise
+            log.warning("credential source failed, using the last good credentials: %s", exc.message,
+                        extra={"client": self.name, "event": "source_fallback"})
+        return self.creds
+
+    def _usable_refresh_token(self) -> str | None:
+        state = self.state
+        if not state.refresh_token:
+            return None
+        age = self.clock() - state.refresh_token_obtained_at
+        if age >= self.client.refresh.refresh_token_lifetime:
+            log.info("refresh token is %.0fs old, past refresh_token_lifetime; using the %s grant", age,
+                     self.client.grant, extra={"client": self.name, "event": "refresh_token_aged"})
+            return None
+        return state.refresh_token
+
+    def _obtain(self, outcome: Outcome, exchange: bool, reload_credentials: bool) -> Token:
+        held = self._usable_refresh_token()
+        use_exchange = held is not None and (exchange or self.client.refresh.strategy == "refresh_token")
+        if use_exchange:
+            creds = self._credentials(fresh=reload_credentials)
+            outcome.grant = "refresh_token"
+            self.metrics.refresh_attempt(self.name, "refresh_token")
+            try:
+                token = self.token_client.obtain("refresh_token", creds, refresh_token=held)
+                outcome.exchanged_refresh_token = True
+                return token
+            except TokenEndpointError as exc:
+                if exc.error not in ("invalid_grant", "invalid_client") and exc.retryable:
+                    raise
+                # the refresh token is dead (spent, expired, revoked): never present it again
+                self.state.refresh_token = None
+                self.store.save(self.name, self.state)
+                outcome.fell_back = exc.error or exc.reason
+                log.warning("refresh token rejected (%s); falling back to the %s grant", exc.reason,
+                            self.client.grant, extra={"client": self.name, "event": "refresh_token_rejected"})
+        creds = self._credentials(fresh=True)
+        grant = self.client.grant
+        outcome.grant = grant
+        self.metrics.refresh_attempt(self.name, grant)
+        bootstrap = creds.refresh_token if grant == "refresh_token" else None
+        token = self.token_client.obtain(grant, creds, refresh_token=bootstrap)
+        if grant == "refresh_token":
+            outcome.exchanged_refresh_token = True
+        return token
+
+    def _refresh(self, *, reason: str, exchange: bool = False, reload_credentials: bool = False) -> Outcome:
+        started = time.monotonic()
+        old = self.state.token
+        outcome = Outcome(self.name, False, reason, old_token=old)
+        try:
+            with self.store.client_lock(self.name):
+                self._reload_state_if_changed()
+                old = outcome.old_token = self.state.token
+                outcome.old_paired = bool(self.state.refresh_token) and \
+                    self.state.refresh_token_obtained_at == self.state.obtained_at
+                token = self._obtain(outcome, exchange, reload_credentials)
+                self._commit(token, outcome)
+        except TokensmithError as exc:
+            self._failed(exc, outcome, time.monotonic() - started)
+            return outcome
+        outcome.ok = True
+        self.failures = 0
+        self.generation += 1
+        self.metrics.refresh_result(self.name, True, "ok", time.monotonic() - started, token)
+        log.info("new token %s via %s grant (%s), expires_at=%d next_refresh=%d%s", token.fingerprint,
+                 outcome.grant, reason, token.expires_at, self.refresh_at,
+                 f" replacing {old.fingerprint}" if old else "",
+                 extra={"client": self.name, "event": "refreshed"})
+        self._write_sinks(token, outcome)
+        if self.hooks is not None:
+            outcome.hooks = self.hooks.run(self.client, token)
+        return outcome
+
+    def _reload_state_if_changed(self) -> None:
+        """Another process (a CLI rotating without the daemon) may have moved the chain on."""
+        try:
+            on_disk = self.store.load(self.name)
+        except StateError:
+            return
+        if on_disk and on_disk.access_token != self.state.access_token and on_disk.obtained_at >= self.state.obtained_at:
+            self.state = on_disk
+
+    def _commit(self, token: Token, outcome: Outcome) -> None:
+        state = self.state
+        new = ClientState(
+            access_token=token.access_token, token_type=token.token_type, obtained_at=token.obtained_at,
+            expires_at=token.expires_at,
+            refresh_token=token.refresh_token or (state.refresh_token if outcome.grant == "refresh_token" else None),
+            refresh_token_obtained_at=token.obtained_at if token.refresh_token else state.refresh_token_obtained_at,
+            client_id=self.creds.client_id if self.creds else state.client_id,
+            sinks_written={}, last_refresh=self.clock(), last_grant=outcome.grant)
+        if outcome.grant != "refresh_token" and not token.refresh_token:
+            new.refresh_token = None
+        self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
+        self.state = new
+        outcome.new_token = token
+        self.refresh_at = self.schedule_for(token)
+        self.sink_failures = 0
+        self.sink_retry_at = 0.0
+
+    def _failed(self, exc: TokensmithError, outcome: Outcome, seconds: float) -> None:
+        outcome.error = exc
+        self.failures += 1
+        delay = self.backoff(self.failures, exc)
+        self.retry_at = self.clock() + delay
+        reason = getattr(exc, "reason", type(exc).__name__)
+        self.state.last_error = str(exc)
+        self.state.last_error_at = self.clock()
+        level = logging.ERROR
+        if isinstance(exc, TokenEndpointError) and exc.error == "invalid_client":
+            level = logging.CRITICAL
+            self.state.alert = "invalid_client: the provider rejected the client secret; rotate it in the source"
+        self.metrics.refresh_result(self.name, False, reason, seconds, None)
+        remaining = self.state.expires_at - self.clock() if self.state.access_token else 0
+        log.log(level, "refresh failed (attempt %d, retry in %.1fs, current token valid for %.0fs more): %s",
+                self.failures, delay, max(remaining, 0), exc.message,
+                extra={"client": self.name, "event": "refresh_failed", "reason": reason})
+
+    def _write_sinks(self, token: Token | None, outcome: Outcome) -> None:
+        if token is None:
+            return
+        written = self.state.sinks_written
+        failed = False
+        for sink in self.sinks:
+            if written.get(sink.name) == token.fingerprint:
+                continue
+            try:
+                sink.write(token)
+            except SinkError as exc:
+                failed = True
+                outcome.sinks[sink.name] = exc.message
+                self.metrics.sink_failure(self.name, sink.type)
+                log.error("sink %s failed: %s", sink.name, exc.message,
+                          extra={"client": self.name, "event": "sink_failed"})
+                continue
+            except Exception as exc:  # a sink bug must not stop the other sinks
+                failed = True
+                outcome.sinks[sink.name] = f"unexpected {type(exc).__name__}"
+                self.metrics.sink_failure(self.name, sink.type)
+                log.exception("sink %s raised unexpectedly", sink.name,
+                              extra={"client": self.name, "event": "sink_failed"})
+                continue
+            outcome.sinks[sink.name] = None
+            written[sink.name] = token.fingerprint
+        if failed:
+            self.sink_failures += 1
+            self.sink_retry_at = self.clock() + self.backoff(self.sink_failures, None)
+        else:
+            self.sink_failures = 0
+        try:
+            self.store.save(self.name, self.state)
+        except StateError as exc:
+            log.error("%s", exc.message, extra={"client": self.name, "event": "state_write_failed"})
+
+    # ---- reporting
+
+    def status(self) -> dict:
+        state = self.state
+        token = state.token
+        pending = [sink.name for sink in self.pending_sinks()]
+        return {
+            "client": self.name,
+            "token": token.fingerprint if token else None,
+            "expires_at": int(state.expires_at) if token else None,
+            "valid": bool(token and token.expires_at > self.clock()),
+            "last_refresh": int(state.last_refresh) or None,
+            "last_grant": state.last_grant,
+            "next_refresh": int(self.next_due()) if token or self.failures else None,
+            "refresh_token_held": bool(state.refresh_token),
+            "failures": self.failures,
+            "last_error": state.last_error,
+            "alert": state.alert,
+            "sinks_pending": pending,
+        }
+
+    def ready(self) -> bool:
+        token = self.state.token
+        return bool(token and token.expires_at > self.clock() and not self.pending_sinks())

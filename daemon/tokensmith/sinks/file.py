@@ -1,0 +1,63 @@
+"""The file sink: a token file for a sidecar or host service, replaced atomically.
+
+A symlink at the sink path is replaced by the new file, never written through: following it
+would let whoever controls the link's target choose where a token lands."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+
+from tokensmith.errors import SinkError
+from tokensmith.fsutil import atomic_write, remove_stale_temps
+
+
+def render(token, fmt: str, env_key: str) -> bytes:
+    if fmt == "json":
+        return (json.dumps(token.document()) + "\n").encode()
+    if fmt == "env":
+        return (f"{env_key}={token.access_token}\n"
+                f"{env_key}_TYPE={token.token_type}\n"
+                f"{env_key}_EXPIRES_AT={int(token.expires_at)}\n").encode()
+    return token.access_token.encode()
+
+
+class FileSink:
+    type = "file"
+
+    def __init__(self, config, client_name: str, backends=None):
+        self.config = config
+        self.client = client_name
+        self.path = config.path
+        self.name = f"file:{config.path}"
+        self.gid: int | None = None
+
+    def _resolve_group(self) -> int | None:
+        if self.config.group is None:
+            return None
+        try:
+            return grp.getgrnam(self.config.group).gr_gid
+        except KeyError:
+            raise SinkError(f"{self.name}: group {self.config.group!r} does not exist", client=self.client,
+                            retryable=False) from None
+
+    def check(self) -> None:
+        self.gid = self._resolve_group()
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise SinkError(f"{self.name}: directory {directory} does not exist", client=self.client, retryable=False)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SinkError(f"{self.name}: directory {directory} is not writable", client=self.client,
+                            retryable=False)
+        if self.path.is_dir():
+            raise SinkError(f"{self.name}: path is a directory", client=self.client, retryable=False)
+        remove_stale_temps(directory, self.path.name)
+
+    def write(self, token) -> None:
+        data = render(token, self.config.format, self.config.env_key)
+        try:
+            atomic_write(self.path, data, mode=self.config.mode, gid=self.gid)
+        except OSError as exc:
+            raise SinkError(f"{self.name}: write failed: {exc.strerror or exc}", client=self.client,
+                            retryable=True) from exc

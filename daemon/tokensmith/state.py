@@ -1,0 +1,123 @@
+"""Durable per-client state: the current token, its refresh token and which sinks hold it.
+
+One JSON file per client in the state directory (0700; files 0600, replaced atomically), so a
+crash at any instant leaves either the previous state or the next one, never a mix.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from tokensmith.errors import StateError
+from tokensmith.fsutil import atomic_write, remove_stale_temps
+from tokensmith.tokens import Token
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ClientState:
+    access_token: str | None = field(default=None, repr=False)
+    token_type: str = "Bearer"
+    obtained_at: float = 0.0
+    expires_at: float = 0.0
+    refresh_token: str | None = field(default=None, repr=False)
+    refresh_token_obtained_at: float = 0.0
+    client_id: str | None = None
+    sinks_written: dict[str, str] = field(default_factory=dict)
+    last_refresh: float = 0.0
+    last_grant: str | None = None
+    last_error: str | None = None
+    last_error_at: float = 0.0
+    alert: str | None = None
+
+    @property
+    def token(self) -> Token | None:
+        if not self.access_token:
+            return None
+        return Token(access_token=self.access_token, token_type=self.token_type, obtained_at=self.obtained_at,
+                     expires_at=self.expires_at, refresh_token=self.refresh_token)
+
+
+class StateStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+
+    def prepare(self) -> None:
+        """Create the directory 0700 and prove it is writable, so a bad state_dir fails at start-up."""
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = stat.S_IMODE(self.directory.stat().st_mode)
+            if mode & 0o077:
+                os.chmod(self.directory, 0o700)
+            probe = self.directory / ".write-probe"
+            atomic_write(probe, b"", mode=0o600)
+            probe.unlink()
+        except OSError as exc:
+            raise StateError(f"state directory {self.directory} is not usable: {exc.strerror or exc}") from exc
+        remove_stale_temps(self.directory)
+
+    def path(self, client: str) -> Path:
+        return self.directory / f"{client}.json"
+
+    def load(self, client: str) -> ClientState | None:
+        path = self.path(client)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
+        try:
+            data = json.loads(raw)
+            known = {f.name for f in fields(ClientState)}
+            state = ClientState(**{key: value for key, value in data.items() if key in known})
+        except (ValueError, TypeError):
+            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            os.replace(path, aside)
+            raise StateError(f"state file {path} was unreadable and was moved to {aside.name}; "
+                             f"a new token will be obtained", client=client) from None
+        return state
+
+    def save(self, client: str, state: ClientState) -> None:
+        data = asdict(state)
+        data["version"] = FORMAT_VERSION
+        try:
+            atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600)
+        except OSError as exc:
+            raise StateError(f"cannot write state file {self.path(client)}: {exc.strerror or exc}",
+                             client=client) from exc
+
+    def forget(self, client: str) -> None:
+        for path in (self.path(client), self.directory / f"{client}.lock"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    @contextmanager
+    def client_lock(self, client: str):
+        """The cross-process lock that makes the daemon and a CLI without a daemon one writer per client."""
+        fd = os.open(self.directory / f"{client}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def try_daemon_lock(self) -> int | None:
+        """Hold state_dir/daemon.lock for the process lifetime; None when another daemon has it."""
+        fd = os.open(self.directory / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd

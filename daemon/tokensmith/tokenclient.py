@@ -1,0 +1,265 @@
+"""The token endpoint client: grants x client-authentication dialects, and response parsing.
+
+Dialects (from the seed providers): `basic` (HTTP Basic, RFC 6749 §2.3.1, form body),
+`post` (client_id/client_secret in the form body), `json` (everything in a JSON body) and
+`query` (everything in the query string of a POST). Every failure becomes a TokenEndpointError
+whose message names the client and never holds a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import time
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote_plus
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from tokensmith.errors import TokenEndpointError
+from tokensmith.sources import Credentials
+from tokensmith.tokens import Token
+
+MAX_BODY = 64 * 1024
+MAX_LIFETIME = 366 * 24 * 3600.0
+NON_RETRYABLE_OAUTH = {"invalid_client", "invalid_grant", "unsupported_grant_type", "unauthorized_client",
+                       "invalid_scope", "invalid_request", "access_denied"}
+TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
+
+
+def make_session(pool_size: int = 8) -> requests.Session:
+    """One pooled session for all clients; retries off because the keeper is the one layer that retries."""
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=0, pool_connections=pool_size, pool_maxsize=pool_size)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    session.trust_env = False  # a stray proxy variable must not route credentials elsewhere
+    return session
+
+
+def basic_auth_header(client_id: str, client_secret: str) -> str:
+    pair = f"{quote_plus(client_id)}:{quote_plus(client_secret)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode()
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), 3600.0)
+    try:
+        return max(0.0, min(parsedate_to_datetime(value).timestamp() - now, 3600.0))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?\d+(\.\d+)?\s*", value):
+        number = float(value)
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def jwt_expiry(access_token: str) -> float | None:
+    """The `exp` claim of a JWT access token, read without verifying it (we are not its audience).
+    None for an opaque token or a JWT whose exp is missing or not a number."""
+    if access_token.count(".") != 2 or not access_token.startswith("eyJ"):
+        return None
+    import jwt
+
+    try:
+        claims = jwt.decode(access_token, options={"verify_signature": False, "verify_exp": False,
+                                                   "verify_nbf": False, "verify_iat": False, "verify_aud": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    return _number(claims.get("exp"))
+
+
+def parse_token_response(body: bytes, *, client: str, sent_at: float, default_lifetime: float) -> Token:
+    def bad(field: str, problem: str) -> TokenEndpointError:
+        return TokenEndpointError(f"malformed token response: {field} {problem}", client=client,
+                                  retryable=True, error="malformed_response")
+
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise bad("body", "is not JSON") from None
+    if not isinstance(data, dict):
+        raise bad("body", "is not a JSON object")
+    access_token = data.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise bad("access_token", "is missing")
+    if not TOKEN_CHARS.fullmatch(access_token) or len(access_token) > 16384:
+        raise bad("access_token", "holds characters a token cannot have")
+    token_type = data.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not token_type.isprintable() or len(token_type) > 64:
+        raise bad("token_type", "is not a short string")
+    if token_type.lower() == "bearer":
+        token_type = "Bearer"
+    refresh_token = data.get("refresh_token")
+    if refresh_token is not None and (not isinstance(refresh_token, str) or not TOKEN_CHARS.fullmatch(refresh_token)):
+        raise bad("refresh_token", "is not a token string")
+    scope = data.get("scope")
+    scope = scope if isinstance(scope, str) else None
+
+    lifetimes = []
+    if "expires_in" in data and data["expires_in"] is not None:
+        expires_in = _number(data["expires_in"])
+        if expires_in is None:
+            raise bad("expires_in", "is not a number")
+        if expires_in <= 0:
+            raise bad("expires_in", "is not positive")
+        lifetimes.append(min(expires_in, MAX_LIFETIME))
+    exp = jwt_expiry(access_token)
+    if exp is not None:
+        if exp <= sent_at:
+            raise bad("access_token", "is a JWT that has already expired (check the clocks)")
+        lifetimes.append(min(exp - sent_at, MAX_LIFETIME))
+    lifetime = min(lifetimes) if lifetimes else default_lifetime
+    return Token(access_token=access_token, token_type=token_type, obtained_at=sent_at,
+                 expires_at=sent_at + lifetime, refresh_token=refresh_token or None, scope=scope)
+
+
+def _describe(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:200]
+
+
+class TokenClient:
+    def __init__(self, client, session: requests.Session | None = None, clock=time.time):
+        self.client = client
+        self.session = session or make_session()
+        self.clock = clock
+
+    def _verify(self):
+        return str(self.client.ca_bundle) if self.client.ca_bundle else True
+
+    def _auth(self, creds: Credentials, params: dict, headers: dict) -> None:
+        if self.client.auth_style == "basic":
+            headers["Authorization"] = basic_auth_header(creds.client_id, creds.client_secret or "")
+        else:
+            params["client_id"] = creds.client_id
+            if creds.client_secret is not None:
+                params["client_secret"] = creds.client_secret
+
+    def _post(self, url: str, params: dict, creds: Credentials, *, dialect: str, what: str) -> tuple[requests.Response, bytes]:
+        headers = {"Accept": "application/json"}
+        self._auth(creds, params, headers)
+        kwargs: dict = {"headers": headers, "timeout": self.client.timeout, "verify": self._verify(),
+                        "allow_redirects": False, "stream": True}
+        if dialect == "json":
+            kwargs["json"] = params
+        elif dialect == "query":
+            kwargs["params"] = params
+        else:
+            kwargs["data"] = params
+        name = self.client.name
+        try:
+            response = self.session.post(url, **kwargs)
+        except requests.exceptions.SSLError as exc:
+            raise TokenEndpointError(f"{what}: TLS verification failed", client=name, retryable=True) from exc
+        except requests.exceptions.Timeout as exc:
+            raise TokenEndpointError(f"{what}: no response within {self.client.timeout:g}s", client=name,
+                                     retryable=True, error="timeout") from exc
+        except requests.exceptions.RequestException as exc:
+            raise TokenEndpointError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", client=name,
+                                     retryable=True, error="unreachable") from exc
+        try:
+            body = response.raw.read(MAX_BODY + 1, decode_content=True)
+        except Exception as exc:  # urllib3 raises several unrelated types mid-body
+            raise TokenEndpointError(f"{what}: connection lost while reading the response", client=name,
+                                     retryable=True, error="unreachable") from exc
+        finally:
+            response.close()
+        if len(body) > MAX_BODY:
+            raise TokenEndpointError(f"{what}: response larger than {MAX_BODY // 1024} KiB refused", client=name,
+                                     retryable=True, status=response.status_code, error="oversized_response")
+        return response, body
+
+    def _error(self, response: requests.Response, body: bytes, creds: Credentials, what: str) -> TokenEndpointError:
+        status = response.status_code
+        name = self.client.name
+        retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock())
+        if 300 <= status < 400:
+            return TokenEndpointError(f"{what}: HTTP {status} redirect refused (credentials are never sent on)",
+                                      client=name, retryable=False, status=status)
+        code = description = None
+        try:
+            data = json.loads(body)
+            if isinstance(data, dict) and isinstance(data.get("error"), str):
+                code = _describe(data["error"], creds.secrets())[:64]
+                if isinstance(data.get("error_description"), str):
+                    description = _describe(data["error_description"], creds.secrets())
+        except (ValueError, UnicodeDecodeError):
+            pass
+        if code is None and status == 401:
+            code = "invalid_client"
+        retryable = status == 429 or status >= 500 or (code is not None and code not in NON_RETRYABLE_OAUTH
+                                                       and status not in (400, 401, 403))
+        text = f"{what}: HTTP {status}" + (f" {code}" if code else "") + (f": {description}" if description else "")
+        return TokenEndpointError(text, client=name, retryable=retryable, error=code, status=status,
+                                  retry_after=retry_after)
+
+    def obtain(self, grant: str, creds: Credentials, refresh_token: str | None = None) -> Token:
+        params: dict = {"grant_type": grant}
+        if grant == "password":
+            params["username"] = creds.username or ""
+            params["password"] = creds.password or ""
+        elif grant == "refresh_token":
+            params["refresh_token"] = refresh_token or creds.refresh_token or ""
+        if grant != "refresh_token":
+            if self.client.scope:
+                params["scope"] = self.client.scope
+            if self.client.audience:
+                params["audience"] = self.client.audience
+        params.update(self.client.extra_params)
+        sent_at = self.clock()
+        what = f"{grant} grant"
+        response, body = self._post(self.client.token_url, params, creds, dialect=self.client.auth_style, what=what)
+        if response.status_code != 200:
+            raise self._error(response, body, creds, what)
+        return parse_token_response(body, client=self.client.name, sent_at=sent_at,
+                                    default_lifetime=self.client.refresh.default_lifetime)
+
+    def revoke(self, token: str, hint: str, creds: Credentials) -> None:
+        """RFC 7009. Revocation is always form-encoded; the client authenticates in its own style."""
+        if not self.client.revocation_url:
+            raise TokenEndpointError("no revocation_url configured", client=self.client.name, retryable=False)
+        dialect = "basic" if self.client.auth_style == "basic" else "post"
+        what = f"revoke {hint}"
+        response, body = self._post(self.client.revocation_url, {"token": token, "token_type_hint": hint}, creds,
+                                    dialect=dialect, what=what)
+        if response.status_code != 200:
+            raise self._error(response, body, creds, what)
+
+    def introspect(self, token: str, creds: Credentials) -> bool:
+        """RFC 7662: True when the server says the token is still active."""
+        if not self.client.introspection_url:
+            raise TokenEndpointError("no introspection_url configured", client=self.client.name, retryable=False)
+        dialect = "basic" if self.client.auth_style == "basic" else "post"
+        response, body = self._post(self.client.introspection_url, {"token": token}, creds, dialect=dialect,
+                                    what="introspection")
+        if response.status_code != 200:
+            raise self._error(response, body, creds, "introspection")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("active"), bool):
+            raise TokenEndpointError("introspection: response has no boolean 'active'", client=self.client.name,
+                                     retryable=True, error="malformed_response")
+        return data["active"]

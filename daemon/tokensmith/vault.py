@@ -1,0 +1,189 @@
+"""One authenticated hvac session shared by the Vault/OpenBao source and sink.
+
+Thin on purpose: no retries (the keeper retries). It logs in lazily, and when Vault answers 403
+(token revoked or expired) it logs in once more and repeats the call once. Every hvac/requests
+exception is converted here into the caller's error class with a message built from vetted parts,
+because hvac's own text can carry server output.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import hvac
+import requests
+from hvac import exceptions as vault_exc
+from requests.adapters import HTTPAdapter
+
+from tokensmith.config import VaultConfig
+from tokensmith.errors import SinkError, SourceError, TokensmithError
+
+STATUS = {vault_exc.InvalidRequest: 400, vault_exc.Unauthorized: 401, vault_exc.Forbidden: 403,
+          vault_exc.InvalidPath: 404, vault_exc.RateLimitExceeded: 429, vault_exc.InternalServerError: 500,
+          vault_exc.VaultNotInitialized: 501, vault_exc.BadGateway: 502, vault_exc.VaultDown: 503}
+RETRYABLE = (vault_exc.RateLimitExceeded, vault_exc.InternalServerError, vault_exc.VaultNotInitialized,
+             vault_exc.BadGateway, vault_exc.VaultDown, vault_exc.UnexpectedError)
+# Server error strings known to carry no request data; anything else is reported by status only.
+SAFE_PHRASES = ("permission denied", "invalid role or secret ID", "Vault is sealed", "no handler for route",
+                "check-and-set parameter did not match the current version", "invalid role name",
+                "role not found", "service account name not authorized", "namespace not authorized",
+                "lookup failed", "not authorized")
+CAS_MISMATCH = "check-and-set parameter did not match"
+DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
+
+
+def describe(exc: vault_exc.VaultError) -> str:
+    text = " ".join(str(error) for error in (exc.errors or []))
+    said = next((phrase for phrase in SAFE_PHRASES if phrase in text), None) or type(exc).__name__
+    if said == "no handler for route":
+        said = "no such mount"
+    status = STATUS.get(type(exc))
+    return f"{said} (HTTP {status})" if status else said
+
+
+class VaultClient:
+    def __init__(self, config: VaultConfig):
+        self.config = config
+        verify = str(config.ca_bundle) if config.ca_bundle else True
+        session = requests.Session()
+        no_retries = HTTPAdapter(max_retries=0)
+        session.mount("http://", no_retries)
+        session.mount("https://", no_retries)
+        session.verify = verify
+        self._hvac = hvac.Client(url=config.address, namespace=config.namespace, verify=verify,
+                                 timeout=config.timeout, session=session)
+        self._lock = threading.Lock()
+        self._logins = 0  # bumped by every login, so racing threads re-authenticate once, not each
+
+    def read_kv(self, mount: str, path: str, version: int, client: str | None = None,
+                error_cls: type[TokensmithError] = SourceError) -> dict:
+        what = f"vault secret {mount}/{path}"
+        if version == 1:
+            response = self._call(lambda kv: kv.secrets.kv.v1.read_secret(path, mount_point=mount),
+                                  what, client, error_cls)
+            data = response.get("data")
+        else:
+            response = self._call(lambda kv: kv.secrets.kv.v2.read_secret_version(
+                path, mount_point=mount, raise_on_deleted_version=True), what, client, error_cls)
+            data = (response.get("data") or {}).get("data")
+        if not isinstance(data, dict):
+            raise error_cls(f"{what}: response holds no key/value data", client=client, retryable=False)
+        return data
+
+    def read_kv2_versioned(self, mount: str, path: str, client: str | None = None,
+                           error_cls: type[TokensmithError] = SourceError) -> tuple[dict | None, int | None]:
+        """(data, version) of the latest version; data None when deleted, (None, None) when absent."""
+        what = f"vault secret {mount}/{path}"
+
+        def read(kv: hvac.Client) -> dict:
+            try:
+                return kv.secrets.kv.v2.read_secret_version(path, mount_point=mount, raise_on_deleted_version=True)
+            except vault_exc.InvalidPath as exc:
+                body = exc.json if isinstance(exc.json, dict) else {}
+                if body.get("data") or not (exc.errors or []):  # a deleted version, or simply no secret
+                    return body
+                raise
+
+        response = self._call(read, what, client, error_cls)
+        body = response.get("data") or {}
+        version = (body.get("metadata") or {}).get("version")
+        data = body.get("data")
+        return (data if isinstance(data, dict) else None), (int(version) if version else None)
+
+    def write_kv2(self, mount: str, path: str, data: dict, cas: int | None, client: str | None = None,
+                  error_cls: type[TokensmithError] = SinkError) -> None:
+        self._call(lambda kv: kv.secrets.kv.v2.create_or_update_secret(path, secret=data, cas=cas, mount_point=mount),
+                   f"vault secret {mount}/{path}", client, error_cls)
+
+    def check(self, client: str | None = None, error_cls: type[TokensmithError] = SinkError) -> None:
+        self._call(lambda kv: kv.auth.token.lookup_self(), "vault token lookup-self", client, error_cls)
+
+    def _call(self, fn: Callable[[hvac.Client], dict], what: str, client: str | None,
+              error_cls: type[TokensmithError]) -> dict:
+        try:
+            seen = self._login_once(client, error_cls)
+            try:
+                return fn(self._hvac) or {}
+            except DENIED:
+                if not self._can_reauth:
+                    raise
+            self._relogin(seen, client, error_cls)
+            return fn(self._hvac) or {}
+        except TokensmithError:
+            raise
+        except Exception as exc:
+            raise self._convert(exc, what, client, error_cls) from exc
+
+    @property
+    def _can_reauth(self) -> bool:
+        auth = self.config.auth
+        return not (auth.method == "token" and auth.token_file is None)
+
+    def _login_once(self, client: str | None, error_cls: type[TokensmithError]) -> int:
+        with self._lock:
+            if self._logins == 0:
+                self._login(client, error_cls)
+            return self._logins
+
+    def _relogin(self, seen: int, client: str | None, error_cls: type[TokensmithError]) -> None:
+        with self._lock:
+            if self._logins == seen:  # nobody else has logged in since our call was denied
+                self._login(client, error_cls)
+
+    def _login(self, client: str | None, error_cls: type[TokensmithError]) -> None:
+        auth = self.config.auth
+        where = f"vault {auth.method} login"
+        try:
+            if auth.method == "token":
+                token = auth.token.get_secret_value() if auth.token else self._read_file(auth.token_file, client, error_cls)
+                self._hvac.token = token.strip()
+            elif auth.method == "approle":
+                where += f" at auth/{auth.mount_point or 'approle'}"
+                secret_id = (auth.secret_id.get_secret_value() if auth.secret_id
+                             else self._read_file(auth.secret_id_file, client, error_cls))
+                self._hvac.auth.approle.login(auth.role_id, secret_id.strip(), mount_point=auth.mount_point or "approle")
+            else:
+                where += f" at auth/{auth.mount_point or 'kubernetes'} as role {auth.role}"
+                jwt = self._read_file(auth.jwt_file, client, error_cls)
+                self._hvac.auth.kubernetes.login(auth.role, jwt.strip(), mount_point=auth.mount_point or "kubernetes")
+        except TokensmithError:
+            raise
+        except Exception as exc:
+            error = self._convert(exc, where, client, error_cls)
+            if isinstance(exc, (vault_exc.InvalidRequest, vault_exc.InvalidPath) + DENIED):
+                error.retryable = False  # bad credentials or role: logging in again will not help
+            raise error from exc
+        self._logins += 1
+
+    @staticmethod
+    def _read_file(path, client: str | None, error_cls: type[TokensmithError]) -> str:
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not text"
+            raise error_cls(f"cannot read vault credential file {path}: {reason}", client=client,
+                            retryable=False) from exc
+
+    def _convert(self, exc: Exception, what: str, client: str | None,
+                 error_cls: type[TokensmithError]) -> TokensmithError:
+        if isinstance(exc, vault_exc.VaultError):
+            reason = describe(exc)
+            if isinstance(exc, vault_exc.InvalidPath) and "no such mount" not in reason:
+                hint = " (is the mount KV v2?)" if "versioned K/V" in str((exc.json or {}).get("warnings")) else ""
+                return error_cls(f"{what}: no secret at that path{hint}", client=client, retryable=False)
+            retryable = isinstance(exc, RETRYABLE) or CAS_MISMATCH in reason
+            return error_cls(f"{what}: {reason}", client=client, retryable=retryable)
+        if isinstance(exc, requests.exceptions.SSLError):
+            return error_cls(f"{what}: TLS verification with {self.config.address} failed (check vault.ca_bundle)",
+                             client=client, retryable=False)
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+            kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot connect"
+            return error_cls(f"{what}: {kind} to {self.config.address}", client=client, retryable=True)
+        if isinstance(exc, ValueError):  # the response was not the JSON Vault sends
+            return error_cls(f"{what}: unreadable response from {self.config.address}", client=client,
+                             retryable=False)
+        if isinstance(exc, requests.RequestException):
+            return error_cls(f"{what}: request to {self.config.address} failed ({type(exc).__name__})",
+                             client=client, retryable=True)
+        return error_cls(f"{what}: unexpected {type(exc).__name__}", client=client, retryable=False)

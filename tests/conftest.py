@@ -1,0 +1,4 @@
+"""Session fixtures: real servers on free loopback ports (the OAuth2 dev server, OpenBao) and moto."""
+
+from fixtures_stores import *  # noqa: F401,F403  (OpenBao dev server, moto Secrets Manager)
+from fixtures_oauth import *  # noqa: F401,F403  (the stateful token endpoint)
