@@ -23,7 +23,8 @@ NOT_CONFIGURED = (boto_exc.NoCredentialsError, boto_exc.PartialCredentialsError,
 
 def make_client(service: str, config: AwsConfig | None) -> Any:
     config = config or AwsConfig()
-    settings = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=config.timeout,
+    # total_max_attempts counts the first request; botocore's "max_attempts" counts retries only
+    settings = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=config.timeout,
                       read_timeout=config.timeout)
     try:
         # a Session per client: boto3's default session is not thread-safe, its clients are

@@ -68,21 +68,21 @@ def reason_label(reason) -> str:
     global _error_classes
     text = str(reason or "")
     if text in KNOWN_REASONS or _HTTP_REASON.fullmatch(text) or text in _error_classes:
-        return text
+        return sys.intern(text)  # one shared string per code, not one per client
     lowered = text.lower()
     if lowered in KNOWN_REASONS:
-        return lowered
+        return sys.intern(lowered)
     if text.endswith("Error") and len(text) <= MAX_LABEL and text.isidentifier():
         _error_classes = _error_class_names()  # an error class defined since the last look
         if text in _error_classes:
-            return text
+            return sys.intern(text)
     return OTHER
 
 
 def code_label(value) -> str:
     """A short code-defined label (grant, sink type, result): [a-z0-9_], at most 40 characters."""
     text = _UNSAFE.sub("_", str(value or "").lower()).strip("_")[:MAX_LABEL]
-    return text or OTHER
+    return sys.intern(text) if text else OTHER
 
 
 class KeeperCollector:
@@ -248,20 +248,20 @@ class _SeriesCollector:
                                           labels=["client", "result"])
         bounds = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
         metrics = self.metrics
-        with metrics._lock:
-            for client, series in metrics._series.items():
-                for grant, value in series.attempts.items():
-                    attempts.add_metric([client, grant], value)
-                successes.add_metric([client], series.successes)
-                for table, family in ((series.failures, failures), (series.sinks, sinks),
-                                      (series.compromises, compromises)):
-                    for label, value in (table or {}).items():
-                        family.add_metric([client, label], value)
-                counts = series.durations
-                if any(counts[:-1]):
-                    cumulative, buckets = 0.0, []
-                    for bound, count in zip(bounds, counts):
-                        cumulative += count
-                        buckets.append((bound, cumulative))
-                    duration.add_metric([client], buckets, counts[-1])
+        with metrics._lock:  # copy out quickly; the families are built without holding up the keepers
+            snapshot = [(client, dict(s.attempts), s.successes, dict(s.failures or {}), dict(s.sinks or {}),
+                         dict(s.compromises or {}), s.durations.tolist()) for client, s in metrics._series.items()]
+        for client, attempted, succeeded, failed, sinks_failed, compromised, counts in snapshot:
+            for grant, value in attempted.items():
+                attempts.add_metric([client, grant], value)
+            successes.add_metric([client], succeeded)
+            for table, family in ((failed, failures), (sinks_failed, sinks), (compromised, compromises)):
+                for label, value in table.items():
+                    family.add_metric([client, label], value)
+            if any(counts[:-1]):
+                cumulative, buckets = 0.0, []
+                for bound, count in zip(bounds, counts):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                duration.add_metric([client], buckets, counts[-1])
         return [attempts, successes, failures, duration, sinks, compromises]

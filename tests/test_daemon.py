@@ -1,0 +1,160 @@
+"""`tokensmith run` end to end: a real process, the real scheduler, real signals, short lifetimes."""
+
+import json
+import os
+import signal
+import stat
+import time
+
+import pytest
+
+from daemon_harness import Project, wait_for
+from tokensmith.devserver import OAuthServer
+
+
+@pytest.fixture
+def server():
+    with OAuthServer(access_lifetime=3) as server:
+        yield server
+
+
+@pytest.fixture
+def project(tmp_path, server):
+    return Project(tmp_path, server)
+
+
+def test_keeps_tokens_fresh_through_several_lifetimes(project, server):
+    project.add_client("form", dialect="post", grant="password", users={"alice": "pw-alice"}, lifetime=2)
+    project.add_client("basic", dialect="basic", lifetime=2)
+    project.add_client("json", dialect="json", lifetime=2, fmt="json")
+    daemon = project.start()
+    try:
+        daemon.wait_ready()
+        seen = {name: set() for name in ("form", "basic", "json")}
+
+        def current(name):
+            raw = project.token(name)
+            return raw if name != "json" else json.loads(raw)["access_token"]
+
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for name in seen:
+                token = current(name)
+                if not server.is_active(token):
+                    # An exchange revokes the old token at the provider an instant before the sink
+                    # gets the new one (the seeds' semantics); that instant must stay short.
+                    wait_for(lambda: server.is_active(current(name)), timeout=0.25, interval=0.005)
+                    token = current(name)
+                seen[name].add(token)
+            time.sleep(0.05)
+        assert all(len(tokens) >= 3 for tokens in seen.values()), {k: len(v) for k, v in seen.items()}
+        assert server.stats["refresh_exchanges"] >= 2 and server.stats["refresh_reuse"] == 0
+        mode = stat.S_IMODE(os.stat(project.token_path("form")).st_mode)
+        assert mode == 0o600
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_restart_keeps_the_fresh_token_and_continues_the_refresh_chain(project, server):
+    project.add_client("form", dialect="post", grant="password", users={"alice": "pw-alice"}, lifetime=30)
+    daemon = project.start()
+    daemon.wait_ready()
+    token = project.token("form")
+    assert daemon.stop() == 0
+    issued = server.stats["issued"]
+    again = project.start()
+    try:
+        again.wait_ready()
+        time.sleep(0.5)
+        assert project.token("form") == token and server.stats["issued"] == issued
+        result = project.cli("rotate", "form")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "by the running daemon" in result.stdout
+        assert server.stats["refresh_exchanges"] == 1 and server.stats["refresh_reuse"] == 0
+        assert not server.is_active(token)
+    finally:
+        again.stop()
+
+
+def test_sighup_adds_removes_and_changes_clients_without_touching_the_others(project, server):
+    project.add_client("stay", lifetime=60)
+    project.add_client("leave", lifetime=60)
+    daemon = project.start()
+    try:
+        daemon.wait_ready()
+        stay_token = project.token("stay")
+        project.clients = [c for c in project.clients if c["name"] != "leave"]
+        project.add_client("arrive", lifetime=60)
+        project.write()
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: project.token("arrive"))
+        wait_for(lambda: "client_removed" in daemon.log)
+        assert project.token("stay") == stay_token
+        status = project.cli("status", "--json")
+        names = [c["client"] for c in json.loads(status.stdout)["clients"]]
+        assert sorted(names) == ["arrive", "stay"]
+        # a broken config on reload is refused and the running clients carry on
+        project.config.write_text("clients: [")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: "reload refused" in daemon.log)
+        assert daemon.process.poll() is None
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_bad_config_exits_ex_config(project):
+    project.add_client("bad", lifetime=60)
+    project.clients[0]["grant"] = "telepathy"
+    daemon = project.start()
+    assert daemon.process.wait(15) == 78
+    assert "clients[0](bad).grant" in daemon.log
+
+
+def test_unusable_state_directory_exits_with_a_clear_error(project, tmp_path):
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    project.settings["state_dir"] = str(tmp_path / "blocker" / "state")
+    project.add_client("c", lifetime=60)
+    daemon = project.start()
+    assert daemon.process.wait(15) == 73
+    assert "state directory" in daemon.log
+
+
+def test_a_missing_sink_directory_fails_before_the_first_refresh(project, server):
+    client = project.add_client("c", lifetime=60)
+    client["sinks"][0]["path"] = str(project.root / "nowhere" / "token")
+    daemon = project.start()
+    assert daemon.process.wait(15) == 78
+    assert "does not exist" in daemon.log and server.stats["token_requests"] == 0
+
+
+def test_once_writes_every_token_and_reports_failures(project, server):
+    project.add_client("good", lifetime=60)
+    project.add_client("bad", lifetime=60)
+    project.write()
+    result = project.cli("once")
+    assert result.returncode == 0, result.stderr
+    assert project.token("good") and project.token("bad")
+    server.set_client_secret("bad", "changed-at-the-provider")
+    result = project.cli("once", "--force")
+    assert result.returncode == 1
+    assert "invalid_client" in result.stdout + result.stderr
+
+
+def test_a_second_daemon_on_the_same_state_is_refused(project):
+    project.add_client("c", lifetime=60)
+    first = project.start()
+    try:
+        first.wait_ready()
+        second = project.start()
+        assert second.process.wait(15) == 78
+        assert "another tokensmith daemon" in second.log
+    finally:
+        first.stop()
+
+
+def test_status_without_a_daemon_reads_the_state_directory(project):
+    project.add_client("c", lifetime=60)
+    project.write()
+    assert project.cli("once").returncode == 0
+    result = project.cli("status")
+    assert result.returncode == 0 and "no daemon running" in result.stdout and "c: token" in result.stdout

@@ -1,0 +1,247 @@
+"""The keeper's timing, grant choice, retries and fan-out, on a fake clock against the real
+stateful token endpoint over loopback."""
+
+import random
+
+import pytest
+
+from fakes import FailingSink, FakeClock, MemorySink, StaticSource
+from tokensmith.config import ClientConfig
+from tokensmith.devserver import OAuthServer
+from tokensmith.errors import TokenEndpointError
+from tokensmith.keeper import Keeper
+from tokensmith.sources import Credentials
+from tokensmith.state import StateStore
+from tokensmith.tokenclient import TokenClient
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def server(clock):
+    with OAuthServer(access_lifetime=600, clock=clock) as server:
+        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
+        server.add_client("svc", "svc-secret", dialect="basic")
+        yield server
+
+
+def make_keeper(server, clock, tmp_path, *, grant="password", auth_style="post", client_id="app",
+                secret="app-secret", sinks=None, source=None, refresh=None, seed=1):
+    config = ClientConfig(name="c1", token_url=server.token_url, grant=grant, auth_style=auth_style,
+                          source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}],
+                          refresh=refresh or {})
+    source = source or StaticSource(client_id=client_id, client_secret=secret, username="alice",
+                                    password="alice-password")
+    sinks = sinks if sinks is not None else [MemorySink()]
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    keeper = Keeper(config, source, sinks, TokenClient(config, clock=clock), store, clock=clock,
+                    rng=random.Random(seed))
+    keeper.load()
+    return keeper
+
+
+def test_first_run_obtains_with_primary_grant_and_writes_every_sink(server, clock, tmp_path):
+    sinks = [MemorySink("memory:a"), MemorySink("memory:b")]
+    keeper = make_keeper(server, clock, tmp_path, sinks=sinks)
+    keeper.run_due()
+    assert keeper.state.last_grant == "password"
+    assert [s.current.access_token for s in sinks] == [keeper.state.access_token] * 2
+    assert server.is_active(keeper.state.access_token)
+    assert keeper.state.expires_at == pytest.approx(clock() + 600)
+
+
+def test_refresh_is_scheduled_at_the_fraction_of_lifetime_within_jitter(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.75, "jitter": 0.1, "min_lead": 0})
+    keeper.run_due()
+    due = keeper.next_due() - clock()
+    assert 0.65 * 600 <= due <= 0.85 * 600
+    clock.advance(due - 1)
+    first = keeper.state.access_token
+    keeper.run_due()
+    assert keeper.state.access_token == first, "refreshed before it was due"
+    clock.advance(1)
+    keeper.run_due()
+    assert keeper.state.access_token != first
+
+
+def test_min_lead_pulls_the_refresh_earlier(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.95, "jitter": 0, "min_lead": 120})
+    keeper.run_due()
+    assert keeper.next_due() - clock() == pytest.approx(600 - 120)
+
+
+def test_lifetime_shorter_than_min_lead_does_not_refresh_in_a_loop(server, clock, tmp_path):
+    server.add_client("short", "short-secret", dialect="post", access_lifetime=30)
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials", client_id="short",
+                         secret="short-secret", refresh={"min_lead": 60, "jitter": 0})
+    keeper.run_due()
+    assert keeper.next_due() - clock() >= 15
+
+
+def test_jitter_spreads_clients(server, clock, tmp_path):
+    dues = set()
+    for seed in range(8):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed, refresh={"min_lead": 0})
+        keeper.run_due()
+        dues.add(round(keeper.next_due() - clock()))
+    assert len(dues) >= 6
+
+
+def test_routine_refresh_exchanges_the_refresh_token_and_revokes_the_old_access_token(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    old = keeper.state.access_token
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "refresh_token"
+    assert not server.is_active(old), "the seeds say a refresh exchange revokes the old access token"
+    assert server.is_active(keeper.state.access_token)
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_reissue_strategy_leaves_the_old_token_valid(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    old = keeper.state.access_token
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "password"
+    assert server.is_active(old) and server.is_active(keeper.state.access_token)
+
+
+def test_rejected_refresh_token_falls_back_to_the_primary_grant(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    # someone else spends the refresh token (e.g. a crash lost the response)
+    TokenClient(keeper.client, clock=clock).obtain("refresh_token", keeper.source.creds,
+                                                   refresh_token=keeper.state.refresh_token)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.fell_back == "invalid_grant" and outcome.grant == "password"
+    assert server.is_active(keeper.state.access_token)
+    assert keeper.state.refresh_token and keeper.state.refresh_token != outcome.old_token.refresh_token
+
+
+def test_refresh_token_older_than_its_lifetime_is_not_presented(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 1000})
+    keeper.run_due()
+    clock.advance(1001)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.grant == "password"
+    assert server.stats["refresh_exchanges"] == 0
+
+
+def test_state_is_persisted_before_any_sink_sees_the_token(server, clock, tmp_path):
+    store_path = tmp_path / "state" / "c1.json"
+    seen = []
+
+    class Spy(MemorySink):
+        def write(self, token):
+            seen.append(token.access_token in store_path.read_text())
+            super().write(token)
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[Spy()])
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert seen == [True, True]
+
+
+def test_restart_keeps_a_fresh_token_and_the_refresh_chain(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    token, refresh = keeper.state.access_token, keeper.state.refresh_token
+    issued = server.stats["issued"]
+    again = make_keeper(server, clock, tmp_path)
+    assert again.state.access_token == token and again.state.refresh_token == refresh
+    again.run_due()
+    assert server.stats["issued"] == issued, "a fresh token was refreshed again after restart"
+    clock.advance(again.next_due() - clock())
+    again.run_due()
+    assert again.state.last_grant == "refresh_token" and server.stats["refresh_reuse"] == 0
+
+
+def test_failures_back_off_with_full_jitter_and_honour_retry_after(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 1, "backoff_max": 8})
+    delays = []
+    for _ in range(6):
+        server.fail_next(status=503)
+        keeper.run_due()
+        delays.append(keeper.next_due() - clock())
+        clock.advance(delays[-1])
+    caps = [1, 2, 4, 8, 8, 8]
+    assert all(0 < delay <= cap for delay, cap in zip(delays, caps))
+    server.fail_next(status=429, headers={"Retry-After": "30"})
+    keeper.run_due()
+    assert keeper.next_due() - clock() >= 30
+    clock.advance(30)
+    keeper.run_due()
+    assert keeper.failures == 0 and keeper.state.access_token
+
+
+def test_keeps_retrying_past_expiry_and_recovers(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_max": 5})
+    keeper.run_due()
+    server.fail_next(100, status=500)
+    clock.advance(700)
+    for _ in range(100):
+        keeper.run_due()
+        clock.advance(keeper.next_due() - clock())
+    assert keeper.failures == 100 and not keeper.ready()
+    keeper.run_due()
+    assert keeper.ready()
+
+
+def test_a_failing_sink_is_retried_without_a_new_token_and_others_still_get_it(server, clock, tmp_path):
+    good, flaky = MemorySink("memory:good"), FailingSink(2, "memory:flaky")
+    keeper = make_keeper(server, clock, tmp_path, sinks=[flaky, good])
+    keeper.run_due()
+    assert good.current is not None and flaky.current is None
+    issued = server.stats["issued"]
+    for _ in range(2):
+        clock.advance(keeper.next_due() - clock())
+        keeper.run_due()
+    assert flaky.current.access_token == good.current.access_token == keeper.state.access_token
+    assert server.stats["issued"] == issued
+    assert keeper.ready()
+
+
+def test_source_outage_uses_last_good_credentials(server, clock, tmp_path):
+    source = StaticSource(client_id="app", client_secret="app-secret", username="alice", password="alice-password")
+    keeper = make_keeper(server, clock, tmp_path, source=source, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    source.fail = 5
+    clock.advance(keeper.next_due() - clock())
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "password"
+
+
+def test_credentials_are_reread_for_a_new_token_so_a_rotated_secret_is_picked_up(server, clock, tmp_path):
+    source = StaticSource(client_id="app", client_secret="app-secret", username="alice", password="alice-password")
+    keeper = make_keeper(server, clock, tmp_path, source=source, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    server.set_client_secret("app", "rotated-secret")
+    source.creds = Credentials(client_id="app", client_secret="rotated-secret", username="alice",
+                               password="alice-password")
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok
+
+
+def test_invalid_client_is_an_alert_in_status(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials", secret="wrong")
+    outcome = keeper.refresh(reason="test")
+    assert isinstance(outcome.error, TokenEndpointError) and outcome.error.error == "invalid_client"
+    status = keeper.status()
+    assert "invalid_client" in status["alert"] and "wrong" not in str(status)
+    assert keeper.next_due() - clock() <= keeper.client.refresh.backoff_max
+
+
+def test_status_names_tokens_only_by_fingerprint(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    text = str(keeper.status())
+    assert keeper.state.access_token not in text and keeper.state.refresh_token not in text
+    assert keeper.status()["token"] == keeper.state.token.fingerprint
