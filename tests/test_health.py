@@ -19,6 +19,10 @@ class FakeDaemon:
     """The duck type HealthServer needs: healthy(), not_ready(), metrics."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.__dict__.clear()  # also drops per-test overrides of not_ready or metrics
         self.keepers = {}
         self.alive = True
         self.metrics = Metrics(keepers=lambda: self.keepers)
@@ -32,17 +36,25 @@ class FakeDaemon:
         return [name for name, keeper in self.keepers.items() if not keeper.ready()]
 
 
-@pytest.fixture
-def daemon():
-    return FakeDaemon()
-
-
-@pytest.fixture
-def server(daemon):
+@pytest.fixture(scope="module")
+def shared():
+    """One server for the module (stopping one waits up to the 0.5 s poll interval); a fresh daemon per test."""
+    daemon = FakeDaemon()
     health = HealthServer("127.0.0.1:0", daemon)
     health.start()
-    yield health
+    yield health, daemon
     health.stop()
+
+
+@pytest.fixture
+def daemon(shared):
+    shared[1].reset()
+    return shared[1]
+
+
+@pytest.fixture
+def server(shared, daemon):
+    return shared[0]
 
 
 def url(server, path):

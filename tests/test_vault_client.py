@@ -219,7 +219,7 @@ class TokenReview:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
 
 def service_account_jwt(serial: int) -> str:
@@ -264,6 +264,7 @@ def kubernetes_auth(vault_kv):
         "token_policies": vault_kv.policy(), "token_ttl": "1h"})
     yield review, mount
     review.server.shutdown()
+    review.server.server_close()
 
 
 def test_kubernetes_login_reads_jwt_file_fresh(vault_kv, kubernetes_auth, tmp_path):

@@ -99,6 +99,7 @@ class OAuthServer:
         self._access = {}
         self._refresh = {}
         self._issued = {}
+        self._issued_refresh = {}
         self._faults = deque()
         self._routes = {"/oauth2/token": ("POST", self._token), "/oauth2/revoke": ("POST", self._revoke),
                         "/oauth2/introspect": ("POST", self._introspect), "/resource": ("GET", self._resource)}
@@ -159,6 +160,10 @@ class OAuthServer:
     def issued_tokens(self, client_id):
         with self._lock:
             return list(self._issued.get(client_id, ()))
+
+    def issued_refresh_tokens(self, client_id):
+        with self._lock:
+            return list(self._issued_refresh.get(client_id, ()))
 
     def fail_next(self, n=1, *, status=503, body=None, headers=None, delay=0.0, close_connection=False):
         """Fault the next n token requests. status=None with a delay gives a slow but normal answer."""
@@ -270,6 +275,7 @@ class OAuthServer:
             refresh = secrets.token_hex(20)
             self._refresh[refresh] = SimpleNamespace(client_id=client_id, exp=now + self.refresh_lifetime,
                                                      access=access, user=user, spent=False)
+            self._issued_refresh.setdefault(client_id, []).append(refresh)
         self._access[access] = SimpleNamespace(client_id=client_id, exp=now + lifetime)
         self._issued[client_id].append(access)
         self.stats["issued"] += 1

@@ -131,10 +131,16 @@ def parse_token_response(body: bytes, *, client: str, sent_at: float, default_li
                  expires_at=sent_at + lifetime, refresh_token=refresh_token or None, scope=scope)
 
 
+LONG_WORD = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
+
+
 def _describe(text: str, secrets: list[str]) -> str:
+    """A server's error text, safe to log: our own secrets and anything token-like are cut out,
+    since a provider may echo what it was sent."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
+    text = LONG_WORD.sub("[redacted]", text)
     text = "".join(ch if ch.isprintable() else " " for ch in text)
     return text[:200]
 

@@ -34,7 +34,8 @@ DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
 
 
 def describe(exc: vault_exc.VaultError) -> str:
-    text = " ".join(str(error) for error in (exc.errors or []))
+    errors = exc.errors if isinstance(exc.errors, list) else [exc.errors or ""]
+    text = " ".join(str(error) for error in errors)
     said = next((phrase for phrase in SAFE_PHRASES if phrase in text), None) or type(exc).__name__
     if said == "no handler for route":
         said = "no such mount"

@@ -74,7 +74,10 @@ kubelet probes the pod IP) and, optionally, Vault Kubernetes auth.
 */}}
 {{- define "tokensmith.config" -}}
 {{- $cfg := deepCopy .Values.config }}
-{{- $_ := set $cfg "state_dir" "/var/lib/tokensmith" }}
+{{- /* A subdirectory, not the mount point: an emptyDir's root is owned by
+root with mode 0777, which the daemon (non-root) can neither use as its
+0700 state dir nor chmod; it creates state/ itself, 0700. */}}
+{{- $_ := set $cfg "state_dir" "/var/lib/tokensmith/state" }}
 {{- $_ := set $cfg "runtime_dir" "/run/tokensmith" }}
 {{- $_ := set $cfg "health" (dict "enabled" true "listen" (printf "0.0.0.0:%d" (int .Values.healthPort))) }}
 {{- if .Values.vault.kubernetesAuth.enabled }}
@@ -126,7 +129,7 @@ The tokensmith container. Call with (dict "root" $ "role" "central|native|classi
 {{- define "tokensmith.container" -}}
 {{- $root := .root }}
 {{- $v := $root.Values }}
-{{- $role := .role }}
+{{- $role := .role -}}
 - name: tokensmith
   image: {{ include "tokensmith.image" $root | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -212,7 +215,7 @@ state holds refresh tokens, and the root filesystem is read-only.
 */}}
 {{- define "tokensmith.volumes" -}}
 {{- $root := .root }}
-{{- $v := $root.Values }}
+{{- $v := $root.Values -}}
 - name: tokensmith-config
   configMap:
     name: {{ include "tokensmith.configMapName" $root }}
