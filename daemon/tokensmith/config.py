@@ -332,9 +332,9 @@ class Settings(BaseSettings):
                     if sink.path in paths:
                         raise ValueError(f"file sink {sink.path} is written by both {paths[sink.path]} and {client.name}")
                     paths[sink.path] = client.name
-        uses = {kind for client in self.clients for kind in backend_types(client)}
-        if "vault" in uses and self.vault is None:
-            raise ValueError("a client uses Vault (source or sink type vault) but the top-level vault section is missing")
+        users = [client.name for client in self.clients if "vault" in backend_types(client)]
+        if users and self.vault is None:
+            raise ValueError(f"client(s) {', '.join(users)} use Vault (source or sink type vault) but the top-level vault section is missing")
         return self
 
     @property
@@ -414,9 +414,11 @@ def read_config_data(path: Path | None, environ: dict[str, str] | None = None) -
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text") from None
         try:
             data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:  # a pathologically nested document overflows the parser
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}") from None
@@ -463,7 +465,7 @@ def describe_errors(exc: ValidationError, data: Any) -> list[str]:
 
 
 def load_settings(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Settings:
-    data = read_config_data(Path(path) if path else None, environ)
+    data = {str(key): value for key, value in read_config_data(Path(path) if path else None, environ).items()}
     try:
         return Settings(**data)
     except ValidationError as exc:
