@@ -170,7 +170,11 @@ def _volume(pod: dict, name: str) -> dict:
 
 def _mount_for(container: dict, path: str) -> dict:
     """The volumeMount whose mountPath contains `path` (longest match)."""
-    mounts = [m for m in container.get("volumeMounts", []) if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]
     assert mounts, f"{path} is on no volume of container {container['name']}"
     return max(mounts, key=lambda m: len(m["mountPath"]))
 
@@ -500,8 +504,12 @@ spec:
 BAD_VALUES = {
     "mode: bogus": ("central-aws.yaml", {"mode": "bogus"}, "/mode"),
     "unknown top-level key": ("central-aws.yaml", {"replicas": 2}, "replicas"),
-    "writable root fs": ("central-aws.yaml", {"securityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"),
-    "privilege escalation": ("central-aws.yaml", {"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"),
+    "writable root fs": (
+        "central-aws.yaml", {"securityContext": {"readOnlyRootFilesystem": False}}, "readOnlyRootFilesystem"
+    ),
+    "privilege escalation": (
+        "central-aws.yaml", {"securityContext": {"allowPrivilegeEscalation": True}}, "allowPrivilegeEscalation"
+    ),
     "vault token in clear": (
         "sidecar-classic.yaml",
         {"config": {"vault": {"address": "https://v:8200", "auth": {"method": "token", "token": "s.hunter2"}}}},
@@ -519,7 +527,9 @@ BAD_VALUES = {
                                  "sinks": [{"type": "aws", "secret_id": "s"}]}]}},
         "source",
     ),
-    "kubernetes auth without role": ("central-vault.yaml", {"vault": {"kubernetesAuth": {"enabled": True, "role": ""}}}, "role"),
+    "kubernetes auth without role": (
+        "central-vault.yaml", {"vault": {"kubernetesAuth": {"enabled": True, "role": ""}}}, "role"
+    ),
     "service monitor in sidecar mode": ("sidecar.yaml", {"metrics": {"serviceMonitor": {"enabled": True}}}, "mode"),
     "bad IRSA ARN": ("central-aws.yaml", {"serviceAccount": {"irsaRoleArn": "tokensmith"}}, "irsaRoleArn"),
 }
@@ -548,7 +558,8 @@ def test_defaults_without_clients_fail(helm, helm_env):
 def test_sidecar_without_file_sink_in_token_dir_fails(helm, helm_env, tmp_path):
     bad = _write(tmp_path, "bad.yaml", {"sidecar": {"tokenDir": "/srv/tokens"}})
     result = _helm(
-        helm, helm_env, "template", RELEASE, str(CHART), "-f", str(_example("sidecar.yaml")), "-f", str(bad), check=False
+        helm, helm_env, "template", RELEASE, str(CHART),
+        "-f", str(_example("sidecar.yaml")), "-f", str(bad), check=False,
     )
     assert result.returncode != 0
     assert "no client has a file sink under sidecar.tokenDir" in result.stderr

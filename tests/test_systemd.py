@@ -168,7 +168,9 @@ def test_notify_and_lifecycle_settings():
     assert _one("Restart") == "on-failure"
     assert "78" in _one("RestartPreventExitStatus").split()
     assert _one("ExecStart") == f"{INSTALLED_ENTRY_POINT} run --config /etc/tokensmith/config.yaml"
-    assert _one("ExecStartPre") == f"{INSTALLED_ENTRY_POINT} check-config --config /etc/tokensmith/config.yaml"
+    # "-": a failing ExecStartPre= is not covered by RestartPreventExitStatus=
+    # (main process only) and would restart-loop; `run` exits 78 instead.
+    assert _one("ExecStartPre") == f"-{INSTALLED_ENTRY_POINT} check-config --config /etc/tokensmith/config.yaml"
     assert _one("ExecReload") == "/bin/kill -HUP $MAINPID"
     assert _values("WantedBy", "Install") == ["multi-user.target"]
 

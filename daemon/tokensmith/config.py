@@ -334,7 +334,7 @@ class Settings(BaseSettings):
                     paths[sink.path] = client.name
         users = [client.name for client in self.clients if "vault" in backend_types(client)]
         if users and self.vault is None:
-            raise ValueError(f"client(s) {', '.join(users)} use Vault (source or sink type vault) but the top-level vault section is missing")
+            raise ValueError(f"client(s) {', '.join(users)} use Vault but the top-level vault section is missing")
         return self
 
     @property

@@ -9,12 +9,16 @@ from pathlib import Path
 TEMP_PREFIX = ".tokensmith-"
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None, sync_dir: bool = True) -> None:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a part.
 
     The temp file is created with its final mode (never briefly wider), in the same directory so
     the rename is atomic, fsynced before the rename and the directory fsynced after it. A symlink
     at `path` is replaced, never written through.
+
+    sync_dir=False skips the directory fsync: the file's content is still durable before the
+    rename, so after a crash the path holds the old complete file or the new complete one; only
+    *which* one is left open (for writes where either is correct, see StateStore.save).
     """
     directory = path.parent
     temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp"
@@ -37,7 +41,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(directory)
+    if sync_dir:
+        fsync_dir(directory)
 
 
 def fsync_dir(directory: Path) -> None:

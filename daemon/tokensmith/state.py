@@ -46,6 +46,10 @@ class ClientState:
                      expires_at=self.expires_at, refresh_token=self.refresh_token)
 
 
+_FIELDS = fields(ClientState)
+_KNOWN = frozenset(f.name for f in _FIELDS)
+
+
 class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -77,20 +81,23 @@ class StateStore:
             raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
         try:
             data = json.loads(raw)
-            known = {f.name for f in fields(ClientState)}
-            state = ClientState(**{key: value for key, value in data.items() if key in known})
-        except (ValueError, TypeError):
+            state = ClientState(**{key: value for key, value in data.items() if key in _KNOWN})
+        except (ValueError, TypeError, AttributeError):  # AttributeError: valid JSON but not an object
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, aside)
             raise StateError(f"state file {path} was unreadable and was moved to {aside.name}; "
                              f"a new token will be obtained", client=client) from None
         return state
 
-    def save(self, client: str, state: ClientState) -> None:
-        data = asdict(state)
+    def save(self, client: str, state: ClientState, *, sync_dir: bool = True) -> None:
+        """sync_dir=False only where losing this write in a crash is harmless (the previous,
+        durable version is then read back), e.g. the record of which sinks hold the token."""
+        data = {f.name: getattr(state, f.name) for f in _FIELDS}
+        data["sinks_written"] = dict(state.sinks_written)
         data["version"] = FORMAT_VERSION
         try:
-            atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600)
+            atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600,
+                         sync_dir=sync_dir)
         except OSError as exc:
             raise StateError(f"cannot write state file {self.path(client)}: {exc.strerror or exc}",
                              client=client) from exc

@@ -1,0 +1,230 @@
+"""StateStore: durable per-client state, permissions, corruption handling and the cross-process locks."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from tokensmith.errors import StateError
+from tokensmith.fsutil import TEMP_PREFIX
+from tokensmith.state import ClientState, StateStore
+
+
+def full_state():
+    return ClientState(access_token="access-Value-1", token_type="Bearer", obtained_at=1_800_000_000.0,
+                       expires_at=1_800_003_600.0, refresh_token="refresh-Value-2",
+                       refresh_token_obtained_at=1_799_990_000.0, client_id="billing",
+                       sinks_written={"file:/run/t/a": "abc123def456"}, last_refresh=1_800_000_000.0,
+                       last_grant="password", last_error="HTTP 503", last_error_at=1_799_999_000.0,
+                       alert="compromise rotation incomplete")
+
+
+@pytest.fixture
+def store(tmp_path):
+    made = StateStore(tmp_path / "state")
+    made.prepare()
+    return made
+
+
+def mode_of(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_save_load_roundtrip(store):
+    state = full_state()
+    store.save("billing-api", state)
+    assert store.load("billing-api") == state
+
+
+def test_loaded_state_gives_back_the_token(store):
+    store.save("billing-api", full_state())
+    token = store.load("billing-api").token
+    assert (token.access_token, token.refresh_token, token.expires_at) == \
+        ("access-Value-1", "refresh-Value-2", 1_800_003_600.0)
+
+
+def test_unknown_client_loads_none(store):
+    assert store.load("never-saved") is None
+
+
+def test_secrets_are_not_in_the_repr(store):
+    assert "access-Value-1" not in repr(full_state()) and "refresh-Value-2" not in repr(full_state())
+
+
+def test_state_file_is_0600_even_with_umask_0(store):
+    old = os.umask(0)
+    try:
+        store.save("billing-api", full_state())
+    finally:
+        os.umask(old)
+    assert mode_of(store.path("billing-api")) == 0o600
+
+
+def test_prepare_creates_the_directory_0700(tmp_path):
+    old = os.umask(0)
+    try:
+        store = StateStore(tmp_path / "var" / "lib" / "tokensmith")
+        store.prepare()
+    finally:
+        os.umask(old)
+    assert store.directory.is_dir()
+    assert mode_of(store.directory) == 0o700
+
+
+def test_prepare_tightens_an_existing_wide_directory(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    os.chmod(directory, 0o755)
+    StateStore(directory).prepare()
+    assert mode_of(directory) == 0o700
+
+
+def test_prepare_fails_clearly_when_the_directory_cannot_be_made(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StateError) as info:
+        StateStore(blocker / "state").prepare()
+    assert str(blocker / "state") in str(info.value)
+
+
+def test_prepare_removes_stale_temp_files(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    stale = directory / f"{TEMP_PREFIX}billing-api.json.0badc0de.tmp"
+    stale.write_text('{"access_token": "half')
+    keep = directory / "billing-api.json"
+    keep.write_text("{}")
+    StateStore(directory).prepare()
+    assert not stale.exists()
+    assert keep.exists()
+    assert not (directory / ".write-probe").exists()
+
+
+def test_save_replaces_the_previous_state(store):
+    store.save("billing-api", full_state())
+    store.save("billing-api", ClientState(access_token="newer", expires_at=5.0))
+    loaded = store.load("billing-api")
+    assert loaded.access_token == "newer" and loaded.refresh_token is None
+    assert sorted(p.name for p in store.directory.iterdir() if p.name.startswith(TEMP_PREFIX)) == []
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b'{"access_token": 5, "nope"',
+                                     b"[1, 2]", b"null", b"42", b'"text"'])
+def test_corrupt_state_file_is_moved_aside_with_a_state_error(store, content):
+    path = store.path("billing-api")
+    path.write_bytes(content)
+    with pytest.raises(StateError) as info:
+        store.load("billing-api")
+    assert "billing-api" in str(info.value)
+    assert not path.exists()
+    aside = [p for p in store.directory.iterdir() if p.name.startswith("billing-api.json.corrupt-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+    assert aside[0].name in str(info.value)
+    assert store.load("billing-api") is None  # the next start obtains a new token
+
+
+def test_unknown_keys_are_ignored_for_forward_compatibility(store):
+    data = {"version": 2, "access_token": "tok", "expires_at": 1_800_003_600.0, "added_in_v2": {"x": 1},
+            "dpop_key": "k"}
+    store.path("billing-api").write_text(json.dumps(data))
+    loaded = store.load("billing-api")
+    assert loaded.access_token == "tok" and loaded.expires_at == 1_800_003_600.0
+    assert store.path("billing-api").exists()
+
+
+def test_saved_file_records_the_format_version(store):
+    store.save("billing-api", full_state())
+    assert json.loads(store.path("billing-api").read_text())["version"] == 1
+
+
+def test_forget_removes_state_and_lock(store):
+    store.save("billing-api", full_state())
+    with store.client_lock("billing-api"):
+        pass
+    store.forget("billing-api")
+    assert store.load("billing-api") is None
+    assert not (store.directory / "billing-api.lock").exists()
+    store.forget("billing-api")  # idempotent
+
+
+# ---- cross-process locks
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from tokensmith.state import StateStore
+    store = StateStore(sys.argv[1])
+    if sys.argv[2] == "client":
+        with store.client_lock(sys.argv[3]):
+            print("held", flush=True)
+            sys.stdin.read()
+    else:
+        fd = store.try_daemon_lock()
+        print("held" if fd is not None else "refused", flush=True)
+        sys.stdin.read()
+""")
+
+
+def holder(store, *args):
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.directory), *args], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def release(process):
+    process.stdin.close()
+    assert process.wait(timeout=10) == 0
+    process.stdout.close()
+
+
+def test_client_lock_excludes_a_second_process(store):
+    process = holder(store, "client", "billing-api")
+    acquired = threading.Event()
+
+    def contender():
+        with store.client_lock("billing-api"):
+            acquired.set()
+
+    thread = threading.Thread(target=contender, daemon=True)
+    try:
+        thread.start()
+        assert not acquired.wait(0.3)
+        with store.client_lock("other-client"):  # other clients are not blocked
+            pass
+    finally:
+        release(process)
+    assert acquired.wait(10)
+    thread.join(10)
+
+
+def test_try_daemon_lock_returns_none_while_another_process_holds_it(store):
+    process = holder(store, "daemon")
+    try:
+        assert store.try_daemon_lock() is None
+    finally:
+        release(process)
+    fd = store.try_daemon_lock()
+    try:
+        assert isinstance(fd, int)
+        second = subprocess.run([sys.executable, "-c", HOLDER, str(store.directory), "daemon"], input="",
+                                capture_output=True, text=True, timeout=30)
+        assert second.stdout.strip() == "refused"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("field, value", [("expires_at", "soon"), ("obtained_at", [1]), ("access_token", 12345),
+                                          ("sinks_written", "file:/run/t/a")])
+def test_state_file_with_wrongly_typed_fields_is_treated_as_corrupt(store, field, value):
+    # A state file that parses but holds the wrong types would crash the keeper at start-up
+    # (token.expires_at > clock() raises TypeError) on every restart; it must be moved aside like any corrupt file.
+    data = {"access_token": "tok", "obtained_at": 1_800_000_000.0, "expires_at": 1_800_003_600.0, field: value}
+    store.path("billing-api").write_text(json.dumps(data))
+    with pytest.raises(StateError):
+        store.load("billing-api")
+    assert not store.path("billing-api").exists()
