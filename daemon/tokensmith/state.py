@@ -50,6 +50,23 @@ _FIELDS = fields(ClientState)
 _KNOWN = frozenset(f.name for f in _FIELDS)
 
 
+_TYPES = {"access_token": (str, type(None)), "token_type": (str,), "obtained_at": (int, float),
+          "expires_at": (int, float), "refresh_token": (str, type(None)), "refresh_token_obtained_at": (int, float),
+          "client_id": (str, type(None)), "sinks_written": (dict,), "last_refresh": (int, float),
+          "last_grant": (str, type(None)), "last_error": (str, type(None)), "last_error_at": (int, float),
+          "alert": (str, type(None))}
+
+
+def check_types(state: ClientState) -> None:
+    """A hand-edited or foreign state file must be set aside, not crash the keeper at every start."""
+    for name, types in _TYPES.items():
+        value = getattr(state, name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise TypeError(name)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in state.sinks_written.items()):
+        raise TypeError("sinks_written")
+
+
 class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -82,6 +99,7 @@ class StateStore:
         try:
             data = json.loads(raw)
             state = ClientState(**{key: value for key, value in data.items() if key in _KNOWN})
+            check_types(state)
         except (ValueError, TypeError, AttributeError):  # AttributeError: valid JSON but not an object
             aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, aside)
