@@ -2,3 +2,4 @@
 
 from fixtures_stores import *  # noqa: F401,F403  (OpenBao dev server, moto Secrets Manager)
 from fixtures_oauth import *  # noqa: F401,F403  (the stateful token endpoint)
+from reliability_report import pytest_sessionfinish, report  # noqa: F401  (docs/reliability.md rows)
