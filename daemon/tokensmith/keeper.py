@@ -73,6 +73,7 @@ class Keeper:
         self.sink_retry_at = 0.0
         self.refresh_at = 0.0
         self.state = ClientState()
+        self.state_unsaved = False
         self.generation = 0
         self.last_compromise = None
         self._fingerprint: tuple[str, str] | None = None  # (access token, its fingerprint), for pending_sinks
@@ -177,6 +178,14 @@ class Keeper:
         state = self.state
         if not state.refresh_token:
             return None
+        if self.state_unsaved:
+            try:
+                self.store.save(self.name, state)
+                self.state_unsaved = False
+            except StateError:
+                log.warning("state still cannot be saved: not spending an unsaved refresh token; using the %s "
+                            "grant", self.client.grant, extra={"client": self.name, "event": "state_write_failed"})
+                return None
         age = self.clock() - state.refresh_token_obtained_at
         if age >= self.client.refresh.refresh_token_lifetime:
             log.info("refresh token is %.0fs old, past refresh_token_lifetime; using the %s grant", age,
@@ -200,7 +209,10 @@ class Keeper:
                     raise
                 # the refresh token is dead (spent, expired, revoked): never present it again
                 self.state.refresh_token = None
-                self.store.save(self.name, self.state)
+                try:
+                    self.store.save(self.name, self.state)
+                except StateError:
+                    self.state_unsaved = True
                 outcome.fell_back = exc.error or exc.reason
                 log.warning("refresh token rejected (%s); falling back to the %s grant", exc.reason,
                             self.client.grant, extra={"client": self.name, "event": "refresh_token_rejected"})
@@ -262,7 +274,16 @@ class Keeper:
             sinks_written={}, last_refresh=self.clock(), last_grant=outcome.grant)
         if outcome.grant != "refresh_token" and not token.refresh_token:
             new.refresh_token = None
-        self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
+        try:
+            self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
+            self.state_unsaved = False
+        except StateError as exc:
+            # The token is already issued (and an exchange has revoked the old one): consumers get
+            # it, but its refresh token is not spent until the state directory holds it.
+            self.state_unsaved = True
+            new.last_error = f"{exc.message}; the new token was written to the sinks but is not durable"
+            log.error("%s; the new token goes to the sinks, its refresh token stays unused until state "
+                      "can be saved", exc.message, extra={"client": self.name, "event": "state_write_failed"})
         self.state = new
         outcome.new_token = token
         self.refresh_at = self.schedule_for(token)
@@ -322,7 +343,8 @@ class Keeper:
             # Which sinks hold the token: if a crash loses this write, the previous (durable) state
             # is read back and the same token is written to the sinks again. Skipping the directory
             # fsync here saves one of the refresh's synchronous disk flushes.
-            self.store.save(self.name, self.state, sync_dir=False)
+            self.store.save(self.name, self.state, sync_dir=self.state_unsaved)
+            self.state_unsaved = False
         except StateError as exc:
             log.error("%s", exc.message, extra={"client": self.name, "event": "state_write_failed"})
 
