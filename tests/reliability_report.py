@@ -1,5 +1,5 @@
 """Collects what each reliability test observed, so docs/reliability.md is generated from a run:
-TOKENSMITH_RELIABILITY_REPORT=docs/reliability.md pytest tests/reliability ... (scripts/reliability-report)."""
+RELIABILITY_REPORT=docs/reliability.md pytest tests/reliability ... (scripts/reliability-report)."""
 
 import json
 import os
@@ -25,7 +25,7 @@ def report(request):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    target = os.environ.get("TOKENSMITH_RELIABILITY_REPORT")
+    target = os.environ.get("RELIABILITY_REPORT")
     if not target or not RECORDS:
         return
     lines = ["# Reliability: faults, crashes and hostile input", "",

@@ -272,10 +272,10 @@ def test_every_problem_is_listed(tmp_path):
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8080/oauth2/token", "http://localhost:8080/t",
                                  "http://[::1]:8080/t", "http://127.3.4.5/t"])
-def test_http_token_url_on_loopback_is_allowed(tmp_path, url):
+def test_http_token_url_on_loopback_is_allowed(tmp_path, url, report):
     settings = load(tmp_path, {"clients": [client(token_url=url)]})
     assert settings.clients[0].token_url == url
-
+    report.record('plain http token endpoint on loopback', 'allowed')
 
 def test_http_token_url_to_a_remote_host_is_allowed_with_allow_insecure_http(tmp_path):
     settings = load(tmp_path, {"clients": [client(token_url="http://auth.internal/t", allow_insecure_http=True)]})
@@ -468,18 +468,27 @@ env_names = st.lists(st.sampled_from(["LOG", "LEVEL", "CLIENTS", "0", "1", "5", 
 environs = st.dictionaries(env_names, st.one_of(st.text(max_size=10), st.sampled_from(WORDS)), max_size=3)
 
 
-@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(document=documents, environ=environs)
-def test_fuzzed_config_yields_settings_or_config_error(document, environ):
-    fd, name = tempfile.mkstemp(suffix=".yaml")
-    try:
-        os.write(fd, document)
-        os.close(fd)
+def test_fuzzed_config_yields_settings_or_config_error(report):
+    cases = []
+
+    @hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(document=documents, environ=environs)
+    def check(document, environ):
+        cases.append(1)
+        fd, name = tempfile.mkstemp(suffix=".yaml")
         try:
-            result = load_settings(name, environ=environ)
-        except ConfigError as exc:
-            assert str(exc) and "\n" not in str(exc)
-        else:
-            assert isinstance(result, Settings)
-    finally:
-        os.unlink(name)
+            os.write(fd, document)
+            os.close(fd)
+            try:
+                result = load_settings(name, environ=environ)
+            except ConfigError as exc:
+                assert str(exc) and "\n" not in str(exc)
+            else:
+                assert isinstance(result, Settings)
+        finally:
+            os.unlink(name)
+
+    check()
+    report.record('hypothesis: arbitrary config documents and TOKENSMITH_* environments', 'always Settings or a ConfigError; never a crash', cases=len(cases))
+
+

@@ -110,14 +110,14 @@ def test_bad_config_exits_ex_config(project):
     assert "clients[0](bad).grant" in daemon.log
 
 
-def test_unusable_state_directory_exits_with_a_clear_error(project, tmp_path):
+def test_unusable_state_directory_exits_with_a_clear_error(project, tmp_path, report):
     (tmp_path / "blocker").write_text("a file where a directory should be")
     project.settings["state_dir"] = str(tmp_path / "blocker" / "state")
     project.add_client("c", lifetime=60)
     daemon = project.start()
     assert daemon.process.wait(15) == 73
     assert "state directory" in daemon.log
-
+    report.record('state directory unwritable at start', 'clear one-line error, exit 73 (EX_CANTCREAT)')
 
 def test_a_missing_sink_directory_fails_before_the_first_refresh(project, server):
     client = project.add_client("c", lifetime=60)

@@ -150,7 +150,7 @@ def test_reader_never_sees_empty_or_partial_content(tmp_path):
 # ---- symlinks
 
 
-def test_symlink_at_the_sink_path_is_replaced_not_written_through(tmp_path):
+def test_symlink_at_the_sink_path_is_replaced_not_written_through(tmp_path, report):
     target = tmp_path / "elsewhere"
     target.write_text("do not touch")
     path = tmp_path / "api.token"
@@ -159,7 +159,7 @@ def test_symlink_at_the_sink_path_is_replaced_not_written_through(tmp_path):
     assert target.read_text() == "do not touch"
     assert not path.is_symlink() and stat.S_ISREG(os.lstat(path).st_mode)
     assert path.read_text() == ACCESS
-
+    report.record('sink path replaced by a symlink', 'replaced atomically by a regular file; the link target untouched')
 
 def test_dangling_symlink_at_the_sink_path_is_replaced(tmp_path):
     path = tmp_path / "api.token"
