@@ -236,8 +236,6 @@ class Daemon:
 
             self.health = HealthServer(self.settings.health.listen, self)
             self.health.start()
-            host, port = self.health.address[:2]
-            log.info("health server listening on %s:%d", host, port, extra={"event": "health_listening"})
 
     def run_forever(self) -> int:
         def on_stop(*_):
