@@ -43,6 +43,8 @@ def test_exchange_invalidates_the_old_token_and_every_sink_gets_the_new_one(proj
         daemon.wait_ready()
         old = project.token("inv")
         assert resource_status(server, old) == 200
+        control = os.stat(project.root / "run" / "control.sock")
+        assert stat.S_ISSOCK(control.st_mode) and stat.S_IMODE(control.st_mode) == 0o600
         result = project.cli("rotate", "inv", "--compromised", "--json")
         assert result.returncode == 0, result.stdout + result.stderr
         reply = json.loads(result.stdout)

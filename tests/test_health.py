@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tokensmith.errors import TokenEndpointError
 from tokensmith.health import HealthServer, parse_listen
 from tokensmith.metrics import Metrics
-from test_metrics import ACCESS_TOKEN, CLIENT_SECRET, NOW, REFRESH_TOKEN, Clock, MemorySink, make_keeper
+from test_metrics import ACCESS_TOKEN, CLIENT_SECRET, NOW, REFRESH_TOKEN, Clock, make_keeper
 
 
 class FakeDaemon:
@@ -211,7 +211,7 @@ def test_no_request_logging(server, capsys, caplog):
 def test_address_and_stop_releases_port(daemon):
     health = HealthServer("127.0.0.1:0", daemon)
     with pytest.raises(RuntimeError):
-        health.address
+        _ = health.address
     health.start()
     host, port = health.address
     assert host == "127.0.0.1" and port > 0

@@ -21,10 +21,8 @@ from array import array
 from bisect import bisect_left
 from typing import Callable, Mapping
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, PlatformCollector,
-                               ProcessCollector, generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
+# prometheus_client (~0.1 s of imports, ~2 MB) is loaded on the first scrape, not at start-up:
+# recording a refresh needs none of it.
 
 from tokensmith.errors import TokensmithError
 
@@ -95,6 +93,8 @@ class KeeperCollector:
         return []  # names are fixed and ours; skip the registry's collect-at-register probe
 
     def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
         expiry = GaugeMetricFamily(f"{PREFIX}_token_expiry_timestamp_seconds",
                                    "Unix time the current access token expires (0 when there is none)",
                                    labels=["client"])
@@ -159,15 +159,29 @@ class Metrics:
     """
 
     def __init__(self, keepers: Callable[[], Mapping[str, object]] = lambda: {}, *, process: bool = True):
-        self.registry = CollectorRegistry()
-        if process:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+        self._keepers = keepers
+        self._process = process
+        self._registry = None
+        self._registry_lock = threading.Lock()
         self._lock = threading.Lock()
         self._series: dict[str, _Series] = {}
-        self.registry.register(_SeriesCollector(self))
-        self.registry.register(KeeperCollector(keepers))
+
+    @property
+    def registry(self):
+        """The private registry, built on first use (a scrape, or a test reading a sample)."""
+        with self._registry_lock:
+            if self._registry is None:
+                from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+                registry = CollectorRegistry()
+                if self._process:
+                    ProcessCollector(registry=registry)
+                    PlatformCollector(registry=registry)
+                    GCCollector(registry=registry)
+                registry.register(_SeriesCollector(self))
+                registry.register(KeeperCollector(self._keepers))
+                self._registry = registry
+            return self._registry
 
     def _client(self, client) -> _Series:
         name = str(client)
@@ -218,6 +232,8 @@ class Metrics:
                 self._series.pop(str(client), None)
 
     def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def sample(self, name: str, labels: dict | None = None) -> float | None:
@@ -233,6 +249,9 @@ class _SeriesCollector:
         return []
 
     def collect(self):
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
         attempts = CounterMetricFamily(f"{PREFIX}_refresh_attempts", "Token requests made, by grant",
                                        labels=["client", "grant"])
         successes = CounterMetricFamily(f"{PREFIX}_refresh_success",

@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tokensmith.errors import StateError
