@@ -352,6 +352,15 @@ def test_check_config_accepts_a_good_config(tmp_path):
     assert "billing-api" in result.stdout and "partner-feed" in result.stdout
 
 
+def test_prefixed_variables_that_name_no_config_field_are_ignored_and_listed(tmp_path):
+    path = write(tmp_path, {"clients": [client("billing-api")]})
+    settings = load_settings(path, environ={"TOKENSMITH_HELM": "/opt/helm", "TOKENSMITH_LOG__LEVEL": "ERROR"})
+    assert settings.log.level == "ERROR"
+    result = run_check_config(path, extra_env={"TOKENSMITH_HELM": "/opt/helm"})
+    assert result.returncode == 0
+    assert "note: TOKENSMITH_HELM names no config field and is ignored" in result.stdout
+
+
 def test_check_config_exits_2_and_prints_every_problem(tmp_path):
     path = write(tmp_path, {"log": {"level": "LOUD"},
                             "clients": [client(scop="x", sinks=[{"type": "file", "path": "/run/t/a", "mode": "0644"}]),

@@ -273,6 +273,10 @@ def cmd_check_config(args) -> int:
             print(f"error: {line}")
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
         return EXIT_CHECK_CONFIG
+    from tokensmith.config import ignored_env
+
+    for var in ignored_env(os.environ):
+        print(f"note: {var} names no config field and is ignored")
     print(f"config ok: {len(settings.clients)} client(s): {', '.join(c.name for c in settings.clients)}")
     return EXIT_OK
 

@@ -394,9 +394,17 @@ def _set_path(tree: Any, path: list[str], value: Any, var: str) -> None:
     _set_path(child, rest, value, var)
 
 
+def ignored_env(environ: dict[str, str]) -> list[str]:
+    """TOKENSMITH_* variables that name no top-level config field (TOKENSMITH_CONFIG aside). They are
+    left alone, as tools around tokensmith use the prefix too; check-config lists them."""
+    return sorted(var for var in environ if var.startswith(ENV_PREFIX) and var != CONFIG_ENV
+                  and var[len(ENV_PREFIX):].split("__")[0].lower() not in Settings.model_fields)
+
+
 def apply_env_overrides(data: dict, environ: dict[str, str]) -> dict:
+    skip = set(ignored_env(environ))
     for var in sorted(environ):
-        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or var in skip:
             continue
         path = [part for part in var[len(ENV_PREFIX):].split("__") if part]
         if path:

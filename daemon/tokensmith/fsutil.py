@@ -9,7 +9,8 @@ from pathlib import Path
 TEMP_PREFIX = ".tokensmith-"
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None, sync_dir: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None,
+                 sync_dir: bool = True) -> os.stat_result:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a part.
 
     The temp file is created with its final mode (never briefly wider), in the same directory so
@@ -19,6 +20,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
     sync_dir=False skips the directory fsync: the file's content is still durable before the
     rename, so after a crash the path holds the old complete file or the new complete one; only
     *which* one is left open (for writes where either is correct, see StateStore.save).
+
+    Returns the new file's stat (inode, size, mtime), which tells a later reader whether it changed.
     """
     directory = path.parent
     temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp"
@@ -32,6 +35,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            written = os.fstat(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -43,6 +47,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
         raise
     if sync_dir:
         fsync_dir(directory)
+    return written
 
 
 def fsync_dir(directory: Path) -> None:

@@ -260,7 +260,7 @@ class Keeper:
     def _reload_state_if_changed(self) -> None:
         """Another process (a CLI rotating without the daemon) may have moved the chain on."""
         try:
-            on_disk = self.store.load(self.name)
+            on_disk = getattr(self.store, "load_if_changed", self.store.load)(self.name)
         except StateError:
             return
         if on_disk and on_disk.access_token != self.state.access_token and on_disk.obtained_at >= self.state.obtained_at:
@@ -316,8 +316,9 @@ class Keeper:
             return
         written = self.state.sinks_written
         failed = False
+        current = token.fingerprint  # a SHA-256 per access: computed once
         for sink in self.sinks:
-            if written.get(sink.name) == token.fingerprint:
+            if written.get(sink.name) == current:
                 continue
             try:
                 sink.write(token)
@@ -336,7 +337,7 @@ class Keeper:
                               extra={"client": self.name, "event": "sink_failed"})
                 continue
             outcome.sinks[sink.name] = None
-            written[sink.name] = token.fingerprint
+            written[sink.name] = current
         if failed:
             self.sink_failures += 1
             self.sink_retry_at = self.clock() + self.backoff(self.sink_failures, None)

@@ -67,9 +67,15 @@ def check_types(state: ClientState) -> None:
         raise TypeError("sinks_written")
 
 
+def _signature(st: os.stat_result) -> tuple[int, int, int]:
+    # every write is a new file renamed into place, so a new inode/size/mtime means new content
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._seen: dict[str, tuple[int, int, int]] = {}  # per client: the file as this store last wrote or read it
 
     def prepare(self) -> None:
         """Create the directory 0700 and prove it is writable, so a bad state_dir fails at start-up."""
@@ -91,7 +97,9 @@ class StateStore:
     def load(self, client: str) -> ClientState | None:
         path = self.path(client)
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as handle:
+                seen = _signature(os.fstat(handle.fileno()))
+                raw = handle.read()
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -105,7 +113,21 @@ class StateStore:
             os.replace(path, aside)
             raise StateError(f"state file {path} was unreadable and was moved to {aside.name}; "
                              f"a new token will be obtained", client=client) from None
+        self._seen[client] = seen
         return state
+
+    def load_if_changed(self, client: str) -> ClientState | None:
+        """load(), or None when the file is the one this store last wrote or read (one stat instead
+        of a read and a parse on every refresh) or does not exist."""
+        try:
+            st = os.stat(self.path(client))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return self.load(client)
+        if self._seen.get(client) == _signature(st):
+            return None
+        return self.load(client)
 
     def save(self, client: str, state: ClientState, *, sync_dir: bool = True) -> None:
         """sync_dir=False only where losing this write in a crash is harmless (the previous,
@@ -114,13 +136,15 @@ class StateStore:
         data["sinks_written"] = dict(state.sinks_written)
         data["version"] = FORMAT_VERSION
         try:
-            atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600,
-                         sync_dir=sync_dir)
+            written = atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600,
+                                   sync_dir=sync_dir)
         except OSError as exc:
             raise StateError(f"cannot write state file {self.path(client)}: {exc.strerror or exc}",
                              client=client) from exc
+        self._seen[client] = _signature(written)
 
     def forget(self, client: str) -> None:
+        self._seen.pop(client, None)
         for path in (self.path(client), self.directory / f"{client}.lock"):
             try:
                 path.unlink()
