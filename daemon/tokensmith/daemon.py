@@ -62,7 +62,7 @@ class Daemon:
                         clock=self.clock, metrics=self.metrics, hooks=self.hooks)
         try:
             keeper.check_sinks()
-        except SinkError as exc:
+        except SinkError as exc:  # a sink that can never work is a config error (exit 78)
             raise ConfigError(str(exc), client=None) from exc
         keeper.load()
         return keeper

@@ -99,8 +99,15 @@ class Keeper:
             self.refresh_at = 0.0
 
     def check_sinks(self) -> None:
+        """Raise for a sink that can never work; a store that is merely down now is retried on write."""
         for sink in self.sinks:
-            sink.check()
+            try:
+                sink.check()
+            except SinkError as exc:
+                if not exc.retryable:
+                    raise
+                log.warning("sink check failed, will retry on write: %s", exc.message,
+                            extra={"client": self.name, "event": "sink_check_failed"})
 
     # ---- timing
 

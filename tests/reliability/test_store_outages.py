@@ -151,3 +151,26 @@ def test_aws_throttling_and_5xx(status, code, tmp_path, clock, server, aws_fault
     assert not keeper.pending_sinks()
     report.record(f"AWS {code} (HTTP {status})", "typed retryable error, one request per call; other sinks "
                   "written; AWS sink retried with backoff", requests_per_call=1)
+
+
+def test_vault_down_at_start_up_is_not_a_config_error(tmp_path, clock, server, vault_kv, openbao, report):
+    """A store that is down when the daemon starts is retried, not treated as a bad config (which
+    would exit 78 and stop systemd from restarting it)."""
+    vault_kv.put("app", {"client_id": "app", "client_secret": "app-secret"})
+    settings = Settings(state_dir=tmp_path / "state", runtime_dir=tmp_path, vault=vault_kv.vault_config(), clients=[
+        client("vaulted", server, {"type": "file", "path": str(tmp_path / "creds.json")},
+               [{"type": "vault", "path": vault_kv.path("app-token")}])])
+    (tmp_path / "creds.json").write_text('{"client_id": "app", "client_secret": "app-secret"}')
+    (tmp_path / "creds.json").chmod(0o600)
+    openbao.stop()
+    try:
+        keepers = build(tmp_path, clock, settings)
+        keepers["vaulted"].check_sinks()
+        keepers["vaulted"].run_due()
+        assert keepers["vaulted"].pending_sinks()
+    finally:
+        openbao.ensure_up()
+    clock.advance(keepers["vaulted"].next_due() - clock())
+    keepers["vaulted"].run_due()
+    assert vault_kv.get("app-token")["data"]["access_token"] == keepers["vaulted"].state.access_token
+    report.record("OpenBao down at start-up", "sink check logged and retried; token written once it came back")
