@@ -144,7 +144,7 @@ class Project:
     """A config directory: N clients sharing one credentials file, one file sink each."""
 
     def __init__(self, root: Path, server: TokenServer, n: int, *, fmt="json", refresh=None, vault=None,
-                 source=None, revocation=False):
+                 source=None, revocation=False, settings=None):
         if root.exists():
             shutil.rmtree(root)
         (root / "tokens").mkdir(parents=True)
@@ -165,7 +165,7 @@ class Project:
                 client["introspection_url"] = f"{server.base}/introspect"
             clients.append(client)
         config = {"state_dir": str(root / "state"), "runtime_dir": str(root / "run"),
-                  "health": {"listen": "127.0.0.1:0"}, "clients": clients}
+                  "health": {"listen": "127.0.0.1:0"}, **(settings or {}), "clients": clients}
         if vault:
             config["vault"] = vault
         self.config = root / "config.yaml"
@@ -315,9 +315,12 @@ def scenario_compromise(workdir: Path, server: TokenServer, repeats: int) -> dic
     return result
 
 
-def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float = 60.0) -> tuple[dict, Sampler, float]:
+def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float = 60.0,
+                   settings: dict | None = None) -> tuple[dict, Sampler, float]:
     server = TokenServer(lifetime)
-    project = Project(workdir / "s3", server, clients, fmt="json", refresh={"min_lead": 10})
+    # min_lead 10: with the default 60 s and 60 s tokens every refresh would be clamped to half the
+    # lifetime, with no jitter at all
+    project = Project(workdir / "s3", server, clients, fmt="json", refresh={"min_lead": 10}, settings=settings)
     sampler = Sampler(project)
     warmup = 60.0
     try:

@@ -10,6 +10,7 @@ import pytest
 
 from daemon_harness import Project, wait_for
 from tokensmith.devserver import OAuthServer
+from tokensmith.tokens import fingerprint
 
 
 @pytest.fixture
@@ -158,3 +159,18 @@ def test_status_without_a_daemon_reads_the_state_directory(project):
     assert project.cli("once").returncode == 0
     result = project.cli("status")
     assert result.returncode == 0 and "no daemon running" in result.stdout and "c: token" in result.stdout
+
+
+def test_once_with_a_running_daemon_goes_through_it(project, server):
+    project.add_client("c", grant="password", users={"alice": "pw"}, lifetime=60)
+    daemon = project.start()
+    try:
+        daemon.wait_ready()
+        result = project.cli("once", "--force")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert server.stats["refresh_exchanges"] == 1 and server.stats["refresh_reuse"] == 0
+        status = json.loads(project.cli("status", "--json").stdout)
+        assert status["daemon"] is True
+        assert status["clients"][0]["token"] == fingerprint(project.token("c")), "the daemon itself rotated it"
+    finally:
+        daemon.stop()

@@ -92,14 +92,17 @@ def test_prepare_fails_clearly_when_the_directory_cannot_be_made(tmp_path):
     assert str(blocker / "state") in str(info.value)
 
 
-def test_prepare_removes_stale_temp_files(tmp_path):
+def test_stale_temp_files_are_removed_on_request_not_by_prepare(tmp_path):
     directory = tmp_path / "state"
     directory.mkdir()
     stale = directory / f"{TEMP_PREFIX}billing-api.json.0badc0de.tmp"
     stale.write_text('{"access_token": "half')
     keep = directory / "billing-api.json"
     keep.write_text("{}")
-    StateStore(directory).prepare()
+    store = StateStore(directory)
+    store.prepare()
+    assert stale.exists()
+    store.remove_stale_temps()
     assert not stale.exists()
     assert keep.exists()
     assert not (directory / ".write-probe").exists()

@@ -143,6 +143,17 @@ def cmd_run(args) -> int:
 
 
 def cmd_once(args) -> int:
+    reply = via_daemon(args, {"op": "status"})
+    if reply is not None:  # the running daemon stays the one writer
+        failed = []
+        for status in reply["clients"]:
+            if args.force or not status.get("valid") or status.get("sinks_pending"):
+                result = via_daemon(args, {"op": "rotate", "client": status["client"]})
+                if not result or not result.get("ok") or result["results"][0]["exit_code"]:
+                    failed.append(status["client"])
+        for status in via_daemon(args, {"op": "status"})["clients"]:
+            print(format_status_line(status))
+        return EXIT_FAILED if failed else EXIT_OK
     daemon = local_daemon(args)
     failed = []
     for name, keeper in daemon.keepers.items():

@@ -79,6 +79,13 @@ class Daemon:
             self.metrics = Metrics(keepers=lambda: self.keepers)
         for client in self.settings.clients:
             self.keepers[client.name] = self.make_keeper(client)
+        if self.serve:
+            # Temp files a crash left behind. Only here, before any worker runs: the same cleanup
+            # during a reload would delete a temp file another thread is about to rename.
+            self.store.remove_stale_temps()
+            for keeper in self.keepers.values():
+                for sink in keeper.sinks:
+                    getattr(sink, "remove_stale_temps", lambda: None)()
 
     # ---- scheduling
 

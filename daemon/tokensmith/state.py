@@ -89,6 +89,9 @@ class StateStore:
             probe.unlink()
         except OSError as exc:
             raise StateError(f"state directory {self.directory} is not usable: {exc.strerror or exc}") from exc
+
+    def remove_stale_temps(self) -> None:
+        """Only when no other process can be writing state: at daemon start-up, under daemon.lock."""
         remove_stale_temps(self.directory)
 
     def path(self, client: str) -> Path:

@@ -210,14 +210,17 @@ def test_check_fails_when_the_path_is_a_directory(tmp_path):
     assert "directory" in str(info.value) and info.value.retryable is False
 
 
-def test_check_removes_its_own_stale_temp_files_only(tmp_path):
+def test_removing_stale_temp_files_takes_only_its_own(tmp_path):
     stale = tmp_path / f"{TEMP_PREFIX}api.token.deadbeef.tmp"
     stale.write_text("half a token")
     other = tmp_path / f"{TEMP_PREFIX}other.token.deadbeef.tmp"
     other.write_text("another sink's temp")
     unrelated = tmp_path / "api.token.bak"
     unrelated.write_text("keep")
-    sink(tmp_path / "api.token").check()
+    api = sink(tmp_path / "api.token")
+    api.check()
+    assert stale.exists(), "check() runs on reloads too, while another thread may be writing"
+    api.remove_stale_temps()
     assert not stale.exists()
     assert other.exists() and unrelated.exists()
 

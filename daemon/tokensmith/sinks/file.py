@@ -52,7 +52,10 @@ class FileSink:
                             retryable=False)
         if self.path.is_dir():
             raise SinkError(f"{self.name}: path is a directory", client=self.client, retryable=False)
-        remove_stale_temps(directory, self.path.name)
+
+    def remove_stale_temps(self) -> None:
+        """Only when no other process can be writing this sink: at daemon start-up."""
+        remove_stale_temps(self.path.parent, self.path.name)
 
     def write(self, token) -> None:
         data = render(token, self.config.format, self.config.env_key)
