@@ -71,7 +71,7 @@ def test_systemd_example_values_are_typed():
     settings = load_settings(REPO / "config" / "systemd-vault.yaml", environ={})
     inventory = settings.client("inventory-api")
     assert inventory.grant == "password" and inventory.auth_style == "post"
-    assert inventory.sinks[0].mode == 0o640 and inventory.sinks[0].group == "tokensmith-consumers"
+    assert inventory.sinks[0].mode == 0o640 and inventory.sinks[0].group is None
     feed = settings.client("partner-feed")
     assert feed.source.keys.client_id == "id" and feed.source.keys.client_secret == "secret"
     assert feed.sinks[0].format == "env" and feed.sinks[0].env_key == "PARTNER_TOKEN"

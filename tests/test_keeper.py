@@ -54,24 +54,37 @@ def test_first_run_obtains_with_primary_grant_and_writes_every_sink(server, cloc
     assert keeper.state.expires_at == pytest.approx(clock() + 600)
 
 
+def steady(keeper, clock):
+    """Past the first token (whose refresh is spread wider), to the routine schedule."""
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    return keeper.state.obtained_at
+
+
 def test_refresh_is_scheduled_at_the_fraction_of_lifetime_within_jitter(server, clock, tmp_path):
     keeper = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.75, "jitter": 0.1, "min_lead": 0})
-    keeper.run_due()
-    due = keeper.next_due() - clock()
+    obtained = steady(keeper, clock)
+    due = keeper.next_due() - obtained
     assert 0.65 * 600 <= due <= 0.85 * 600
-    clock.advance(due - 1)
-    first = keeper.state.access_token
+    clock.advance(keeper.next_due() - clock() - 1)
+    current = keeper.state.access_token
     keeper.run_due()
-    assert keeper.state.access_token == first, "refreshed before it was due"
+    assert keeper.state.access_token == current, "refreshed before it was due"
     clock.advance(1)
     keeper.run_due()
-    assert keeper.state.access_token != first
+    assert keeper.state.access_token != current
 
 
-def test_min_lead_pulls_the_refresh_earlier(server, clock, tmp_path):
-    keeper = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.95, "jitter": 0, "min_lead": 120})
-    keeper.run_due()
-    assert keeper.next_due() - clock() == pytest.approx(600 - 120)
+def test_min_lead_pulls_the_refresh_earlier_and_jitter_still_spreads_it(server, clock, tmp_path):
+    dues = []
+    for seed in range(10):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed,
+                             refresh={"at_fraction": 0.95, "jitter": 0.1, "min_lead": 120})
+        obtained = steady(keeper, clock)
+        dues.append(keeper.next_due() - obtained)
+    assert all(600 - 120 - 2 * 60 <= due <= 600 - 120 for due in dues), "never later than min_lead before expiry"
+    assert max(dues) - min(dues) > 30, "the clamp must not line every client up on one instant"
 
 
 def test_lifetime_shorter_than_min_lead_does_not_refresh_in_a_loop(server, clock, tmp_path):
@@ -79,16 +92,29 @@ def test_lifetime_shorter_than_min_lead_does_not_refresh_in_a_loop(server, clock
     keeper = make_keeper(server, clock, tmp_path, grant="client_credentials", client_id="short",
                          secret="short-secret", refresh={"min_lead": 60, "jitter": 0})
     keeper.run_due()
-    assert keeper.next_due() - clock() >= 15
+    assert keeper.next_due() - clock() >= 30 * 0.3
+    obtained = steady(keeper, clock)
+    assert keeper.next_due() - obtained >= 15
 
 
 def test_jitter_spreads_clients(server, clock, tmp_path):
     dues = set()
     for seed in range(8):
         keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed, refresh={"min_lead": 0})
-        keeper.run_due()
-        dues.add(round(keeper.next_due() - clock()))
+        obtained = steady(keeper, clock)
+        dues.add(round(keeper.next_due() - obtained))
     assert len(dues) >= 6
+
+
+def test_clients_started_together_spread_their_first_refresh_widely(server, clock, tmp_path):
+    dues = []
+    for seed in range(20):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed,
+                             refresh={"at_fraction": 0.75, "jitter": 0.1, "min_lead": 0})
+        keeper.run_due()
+        dues.append(keeper.next_due() - clock())
+    assert all(0.375 * 600 <= due <= 0.85 * 600 for due in dues)
+    assert max(dues) - min(dues) > 0.3 * 600, "a cold start must not become a refresh wave"
 
 
 def test_routine_refresh_exchanges_the_refresh_token_and_revokes_the_old_access_token(server, clock, tmp_path):

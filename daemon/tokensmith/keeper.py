@@ -111,14 +111,25 @@ class Keeper:
 
     # ---- timing
 
-    def schedule_for(self, token: Token) -> float:
+    def schedule_for(self, token: Token, *, catching_up: bool = False) -> float:
+        """When to refresh: at at_fraction of the lifetime, +- jitter, never later than min_lead
+        before expiry (but a lifetime shorter than min_lead must not cause a refresh loop).
+
+        The jitter is applied after the min_lead clamp, so clients whose refresh min_lead pulls
+        earlier still spread out. A token obtained while catching up (first start, or after the
+        old token had expired) is spread over a wider window, so that thousands of clients
+        started together do not keep refreshing in one wave."""
         policy = self.client.refresh
         lifetime = max(token.lifetime, 0.0)
-        jitter = self.rng.uniform(-policy.jitter, policy.jitter) * lifetime
-        planned = token.obtained_at + policy.at_fraction * lifetime + jitter
-        # min_lead wins over the fraction, but a lifetime shorter than min_lead must not cause a refresh loop
+        spread = policy.jitter * lifetime
+        target = token.obtained_at + policy.at_fraction * lifetime
         latest = max(token.expires_at - policy.min_lead, token.obtained_at + lifetime * min(policy.at_fraction, 0.5))
-        return min(planned, latest)
+        if catching_up:
+            earliest = token.obtained_at + lifetime * min(0.4, policy.at_fraction / 2)
+            return self.rng.uniform(earliest, min(target + spread, latest))
+        if target + spread <= latest:
+            return target + self.rng.uniform(-spread, spread)
+        return max(latest - self.rng.uniform(0, 2 * spread), token.obtained_at + lifetime * 0.05)
 
     def next_due(self) -> float:
         if self.failures:
@@ -296,7 +307,8 @@ class Keeper:
                       "can be saved", exc.message, extra={"client": self.name, "event": "state_write_failed"})
         self.state = new
         outcome.new_token = token
-        self.refresh_at = self.schedule_for(token)
+        old = outcome.old_token
+        self.refresh_at = self.schedule_for(token, catching_up=old is None or old.expires_at <= token.obtained_at)
         self.sink_failures = 0
         self.sink_retry_at = 0.0
 
