@@ -25,6 +25,17 @@ log = logging.getLogger("tokensmith.daemon")
 OVERDUE_GRACE = 30.0
 
 
+def release_freed_memory() -> None:
+    """Parsing and validating a large config leaves freed heap behind; hand it back to the OS
+    (glibc only), so resident memory reflects what the clients really keep."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, timezone.utc)
 
@@ -52,6 +63,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._idle = threading.Condition()
         self._running_jobs = 0
+        self._keepalive_trigger = None
 
     # ---- construction
 
@@ -86,6 +98,7 @@ class Daemon:
             for keeper in self.keepers.values():
                 for sink in keeper.sinks:
                     getattr(sink, "remove_stale_temps", lambda: None)()
+        release_freed_memory()
 
     # ---- scheduling
 
@@ -106,8 +119,10 @@ class Daemon:
     def _add_job(self, name: str, keeper: Keeper) -> None:
         from apscheduler.triggers.interval import IntervalTrigger
 
+        if self._keepalive_trigger is None:  # one shared, stateless trigger: 5,000 jobs need not own one each
+            self._keepalive_trigger = IntervalTrigger(weeks=520, timezone=timezone.utc)
         # The keeper decides every next run itself (see _run); the interval only keeps the job alive.
-        self.scheduler.add_job(self._run, IntervalTrigger(weeks=520, timezone=timezone.utc), args=[name], id=name,
+        self.scheduler.add_job(self._run, self._keepalive_trigger, args=[name], id=name,
                                name=name, next_run_time=utc(max(keeper.next_due(), self.clock())),
                                replace_existing=True)
 

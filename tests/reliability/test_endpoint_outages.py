@@ -168,3 +168,39 @@ def test_one_clients_outage_never_delays_another(tmp_path, report):
         assert fast_sink.tokens and fast_elapsed < 1.0
         report.record("token endpoint: one client's endpoint hangs", "other clients refreshed meanwhile",
                       other_client_s=round(fast_elapsed, 2))
+
+
+def test_connection_reset_in_the_middle_of_the_body(clock, tmp_path, report):
+    """Headers and half a body, then a TCP reset: a typed retryable error, nothing parsed or written."""
+    import struct
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    served = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+                         b'{"access_token": "half-a-tok')
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            conn.close()
+            served.append(1)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with OAuthServer(access_lifetime=LIFETIME, clock=clock) as server:
+        server.add_client("c", "c-secret")
+        keeper, sink = keeper_for(f"http://127.0.0.1:{listener.getsockname()[1]}/token", server, clock, tmp_path)
+        for _ in range(3):
+            outcome = keeper.refresh(reason="test")
+            assert not outcome.ok and outcome.error.retryable and outcome.error.error == "unreachable"
+        assert sink.tokens == [] and served
+    listener.close()
+    report.record("token endpoint: connection reset in the middle of the body",
+                  "typed retryable error; the half token never parsed or written", attempts=3)
