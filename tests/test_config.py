@@ -227,12 +227,13 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
-def test_bad_config_gives_one_line_naming_the_field(tmp_path, case):
+def test_bad_config_gives_one_line_naming_the_field(tmp_path, case, report):
     build, where, words = BAD[case]
     line = only_problem(tmp_path, build())
     assert line.startswith(where + ":"), line
     for word in words:
         assert word in line, (word, line)
+    report.record(f"bad config: {case}", f"refused with one line naming `{where}`")
 
 
 def test_duplicate_client_names_are_refused_naming_the_client(tmp_path):
