@@ -51,22 +51,27 @@ def remount(directory, mode):
     subprocess.run(["mount", "-o", f"remount,{mode}", str(directory)], check=True)
 
 
+def file_keeper(server, clock, sink_path, state_dir, grant="client_credentials"):
+    server.add_client("c", "c-secret", users={"alice": "pw"})
+    config = ClientConfig(name="c", token_url=server.token_url, grant=grant, source={"type": "env"},
+                          sinks=[{"type": "file", "path": str(sink_path)}],
+                          refresh={"backoff_initial": 1, "backoff_max": 10})
+    sink = FileSink(config.sinks[0], "c")
+    sink.check()
+    store = StateStore(state_dir)
+    store.prepare()
+    source = StaticSource(client_id="c", client_secret="c-secret", username="alice", password="pw")
+    keeper = Keeper(config, source, [sink], TokenClient(config, clock=clock), store, clock=clock,
+                    rng=random.Random(1))
+    keeper.load()
+    return keeper
+
+
 @pytest.fixture
 def setup(tmp_path, tmpfs):
     clock = FakeClock()
     server = OAuthServer(access_lifetime=600, clock=clock).start()
-    server.add_client("c", "c-secret")
-    config = ClientConfig(name="c", token_url=server.token_url, grant="client_credentials", source={"type": "env"},
-                          sinks=[{"type": "file", "path": str(tmpfs / "c.token")}],
-                          refresh={"backoff_initial": 1, "backoff_max": 10})
-    sink = FileSink(config.sinks[0], "c")
-    sink.check()
-    store = StateStore(tmp_path / "state")
-    store.prepare()
-    keeper = Keeper(config, StaticSource(client_id="c", client_secret="c-secret"), [sink],
-                    TokenClient(config, clock=clock), store, clock=clock, rng=random.Random(1))
-    keeper.load()
-    yield keeper, clock, server, tmpfs
+    yield file_keeper(server, clock, tmpfs / "c.token", tmp_path / "state"), clock, server, tmpfs
     server.stop()
 
 
@@ -108,18 +113,7 @@ def test_sink_directory_fault_keeps_the_old_file_and_retries(fault, setup, repor
 def test_full_state_directory_still_gets_consumers_a_fresh_token(tmp_path, tmpfs, report):
     clock = FakeClock()
     with OAuthServer(access_lifetime=600, clock=clock) as server:
-        server.add_client("c", "c-secret", users={"alice": "pw"})
-        config = ClientConfig(name="c", token_url=server.token_url, grant="password", source={"type": "env"},
-                              sinks=[{"type": "file", "path": str(tmp_path / "c.token")}],
-                              refresh={"backoff_initial": 1, "backoff_max": 10})
-        sink = FileSink(config.sinks[0], "c")
-        sink.check()
-        store = StateStore(tmpfs / "state")
-        store.prepare()
-        keeper = Keeper(config, StaticSource(client_id="c", client_secret="c-secret", username="alice",
-                                             password="pw"), [sink], TokenClient(config, clock=clock), store,
-                        clock=clock, rng=random.Random(1))
-        keeper.load()
+        keeper = file_keeper(server, clock, tmp_path / "c.token", tmpfs / "state", grant="password")
         keeper.run_due()
         saved = (tmpfs / "state" / "c.json").read_text()
         fill(tmpfs)
