@@ -77,7 +77,6 @@ class Keeper:
         self.refresh_at = 0.0
         self.state = ClientState()
         self.state_unsaved = False
-        self.generation = 0
         self.last_compromise = None
         self._fingerprint: tuple[str, str] | None = None  # (access token, its fingerprint), for pending_sinks
 
@@ -264,7 +263,6 @@ class Keeper:
             return outcome
         outcome.ok = True
         self.failures = 0
-        self.generation += 1
         self.metrics.refresh_result(self.name, True, "ok", time.monotonic() - started, token)
         log.info("new token %s via %s grant (%s), expires_at=%d next_refresh=%d%s", token.fingerprint,
                  outcome.grant, reason, token.expires_at, self.refresh_at,
@@ -278,7 +276,7 @@ class Keeper:
     def _reload_state_if_changed(self) -> None:
         """Another process (a CLI rotating without the daemon) may have moved the chain on."""
         try:
-            on_disk = getattr(self.store, "load_if_changed", self.store.load)(self.name)
+            on_disk = self.store.load_if_changed(self.name)
         except StateError:
             return
         if on_disk and on_disk.access_token != self.state.access_token and on_disk.obtained_at >= self.state.obtained_at:
@@ -293,8 +291,6 @@ class Keeper:
             refresh_token_obtained_at=token.obtained_at if token.refresh_token else state.refresh_token_obtained_at,
             client_id=self.creds.client_id if self.creds else state.client_id,
             sinks_written={}, last_refresh=self.clock(), last_grant=outcome.grant)
-        if outcome.grant != "refresh_token" and not token.refresh_token:
-            new.refresh_token = None
         try:
             self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
             self.state_unsaved = False
