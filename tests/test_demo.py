@@ -22,6 +22,11 @@ def test_demo_refreshes_tokens_and_shows_them_live(tmp_path):
         assert document["access_token"] not in result.stdout + result.stderr
     refreshed = int(result.stdout.rsplit("refreshed ", 1)[1].split()[0])
     assert refreshed >= 6, "three clients with 2 s lifetimes over 5 s must refresh more than once each"
+    again = subprocess.run([sys.executable, "-m", "tokensmith", "demo", "--dir", str(directory), "--lifetime", "2",
+                            "--duration", "2"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0
+    assert "rejected" not in again.stderr and "error" not in again.stdout, \
+        "a second demo must not present the first demo's tokens to its new token endpoint"
     check = subprocess.run([sys.executable, "-m", "tokensmith", "check-config", "--config",
                             str(directory / "config.yaml")], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0

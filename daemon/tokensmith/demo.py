@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,10 @@ def write_private(path: Path, text: str) -> None:
 
 
 def prepare(directory: Path, token_url: str, server) -> Path:
+    # every demo starts its own token endpoint: tokens and state from an earlier run mean nothing to it
     for sub in ("credentials", "tokens", "state", "run"):
-        (directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.rmtree(directory / sub, ignore_errors=True)
+        (directory / sub).mkdir(mode=0o700, parents=True)
     clients = []
     for name, dialect, grant, extra in CLIENTS:
         secret = os.urandom(12).hex()
