@@ -145,16 +145,6 @@ def test_saved_file_records_the_format_version(store):
     assert json.loads(store.path("billing-api").read_text())["version"] == 1
 
 
-def test_forget_removes_state_and_lock(store):
-    store.save("billing-api", full_state())
-    with store.client_lock("billing-api"):
-        pass
-    store.forget("billing-api")
-    assert store.load("billing-api") is None
-    assert not (store.directory / "billing-api.lock").exists()
-    store.forget("billing-api")  # idempotent
-
-
 # ---- cross-process locks
 
 HOLDER = textwrap.dedent("""

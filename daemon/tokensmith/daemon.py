@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from tokensmith.backends import Backends
 from tokensmith.config import Settings, load_settings
 from tokensmith.errors import ConfigError, SinkError, TokensmithError
+from tokensmith.fsutil import remove_stale_temps
 from tokensmith.hooks import Hooks
 from tokensmith.keeper import Keeper
 from tokensmith.sinks import build_sinks
@@ -95,9 +96,13 @@ class Daemon:
             # Temp files a crash left behind. Only here, before any worker runs: the same cleanup
             # during a reload would delete a temp file another thread is about to rename.
             self.store.remove_stale_temps()
+            token_files: dict = {}
             for keeper in self.keepers.values():
                 for sink in keeper.sinks:
-                    getattr(sink, "remove_stale_temps", lambda: None)()
+                    if sink.type == "file":
+                        token_files.setdefault(sink.path.parent, set()).add(sink.path.name)
+            for directory, names in token_files.items():
+                remove_stale_temps(directory, names)
         release_freed_memory()
 
     # ---- scheduling

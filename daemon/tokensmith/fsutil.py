@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from pathlib import Path
 
 TEMP_PREFIX = ".tokensmith-"
 TEMP_SUFFIX = ".tmp"
-
-# directory -> ((inode, mtime_ns), names of temp files in it): every sink's start-up check used to
-# glob its whole directory, O(clients^2) at start-up (~12 s at 5,000 token files in one directory)
-_temps_cache: dict[str, tuple[tuple[int, int], list[str]]] = {}
-_temps_lock = threading.Lock()
-
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None,
                  sync_dir: bool = True) -> os.stat_result:
@@ -31,7 +24,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
     Returns the new file's stat (inode, size, mtime), which tells a later reader whether it changed.
     """
     directory = path.parent
-    temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}.tmp"
+    temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
@@ -65,39 +58,22 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _temp_names(directory: Path) -> list[str]:
-    """The temp-file names in a directory, listed again only when the directory has changed since.
-    (A temp file created after the listing is in flight, not stale, and must not be removed anyway.)"""
-    key = os.fspath(directory)
-    st = os.stat(key)
-    signature = (st.st_ino, st.st_mtime_ns)
-    with _temps_lock:
-        cached = _temps_cache.get(key)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    with os.scandir(key) as entries:
-        names = [entry.name for entry in entries
-                 if entry.name.startswith(TEMP_PREFIX) and entry.name.endswith(TEMP_SUFFIX)]
-    with _temps_lock:
-        _temps_cache[key] = (signature, names)
-    return names
-
-
-def remove_stale_temps(directory: Path, name: str | None = None) -> int:
-    """Delete temp files a crash left behind (for one target name, or all); returns how many.
-    Matches what the glob `TEMP_PREFIX + name + ".*.tmp"` (or `TEMP_PREFIX + "*.tmp"`) matches."""
-    directory = Path(directory)
-    prefix = f"{TEMP_PREFIX}{name}." if name else TEMP_PREFIX
-    shortest = len(prefix) + len(TEMP_SUFFIX)
+def remove_stale_temps(directory: Path, targets: set[str] | None = None) -> int:
+    """Delete the temp files a crash left behind in one directory: those of the given target file
+    names, or all of ours. One listing per directory; returns how many were removed. Call it only
+    when nothing else can be writing there (at daemon start-up)."""
+    removed = 0
     try:
-        names = _temp_names(directory)
+        entries = [entry.name for entry in os.scandir(directory)]
     except OSError:
         return 0
-    removed = 0
-    for temp in names:
-        if temp.startswith(prefix) and temp.endswith(TEMP_SUFFIX) and len(temp) >= shortest:
+    for name in entries:
+        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+            continue
+        target = name[len(TEMP_PREFIX):-len(TEMP_SUFFIX)].rpartition(".")[0]  # <target>.<random hex>
+        if targets is None or target in targets:
             try:
-                (directory / temp).unlink()
+                os.unlink(os.path.join(directory, name))
                 removed += 1
             except OSError:
                 pass

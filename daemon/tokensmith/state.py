@@ -146,14 +146,6 @@ class StateStore:
                              client=client) from exc
         self._seen[client] = _signature(written)
 
-    def forget(self, client: str) -> None:
-        self._seen.pop(client, None)
-        for path in (self.path(client), self.directory / f"{client}.lock"):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-
     @contextmanager
     def client_lock(self, client: str):
         """The cross-process lock that makes the daemon and a CLI without a daemon one writer per client."""

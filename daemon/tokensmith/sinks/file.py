@@ -10,7 +10,7 @@ import json
 import os
 
 from tokensmith.errors import SinkError
-from tokensmith.fsutil import atomic_write, remove_stale_temps
+from tokensmith.fsutil import atomic_write
 
 
 def render(token, fmt: str, env_key: str) -> bytes:
@@ -52,10 +52,6 @@ class FileSink:
                             retryable=False)
         if self.path.is_dir():
             raise SinkError(f"{self.name}: path is a directory", client=self.client, retryable=False)
-
-    def remove_stale_temps(self) -> None:
-        """Only when no other process can be writing this sink: at daemon start-up."""
-        remove_stale_temps(self.path.parent, self.path.name)
 
     def write(self, token) -> None:
         data = render(token, self.config.format, self.config.env_key)
