@@ -50,16 +50,18 @@ def operator_identity(uid: int | None = None) -> dict:
     return {"uid": uid, "user": user}
 
 
-def verify_with_resource(url: str, old_token: str, new_token: str, session, timeout: float) -> str:
+def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: float, ca_bundle=None) -> str:
+    """--verify-url: the protected resource must refuse the old token (401) and take the new one."""
     import requests
 
-    try:
-        old = session.get(url, headers={"Authorization": f"Bearer {old_token}"}, timeout=timeout,
-                          allow_redirects=False)
-        new = session.get(url, headers={"Authorization": f"Bearer {new_token}"}, timeout=timeout,
-                          allow_redirects=False)
-    except requests.RequestException as exc:
-        return f"error: {type(exc).__name__}"
+    with requests.Session() as session:
+        session.trust_env = False  # no proxy from the environment sees either token
+        kwargs = {"timeout": timeout, "allow_redirects": False, "verify": str(ca_bundle) if ca_bundle else True}
+        try:
+            old = session.get(url, headers={"Authorization": f"Bearer {old_token}"}, **kwargs)
+            new = session.get(url, headers={"Authorization": f"Bearer {new_token}"}, **kwargs)
+        except requests.RequestException as exc:
+            return f"error: {type(exc).__name__}"
     if old.status_code != 401:
         return f"failed: old token got HTTP {old.status_code}"
     if not 200 <= new.status_code < 300:
@@ -153,8 +155,8 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
         except TokenEndpointError as exc:
             result["verification"] = f"error: {exc.message}"
     if old_access and verify_url:
-        by_resource = verify_with_resource(verify_url, old_access, new.access_token, keeper.token_client.session,
-                                           keeper.client.timeout)
+        by_resource = verify_with_resource(verify_url, old_access, new.access_token, timeout=keeper.client.timeout,
+                                           ca_bundle=keeper.client.ca_bundle)
         result["verify_url"] = by_resource
         if result["verification"] in ("unverified", "verified") or by_resource != "verified":
             result["verification"] = by_resource

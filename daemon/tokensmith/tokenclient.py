@@ -61,7 +61,6 @@ class HttpPool:
         self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._contexts: dict[str | None, object] = {}
         self._lock = threading.Lock()
-        self._requests_session = None
 
     def _context(self, ca_bundle: str | None):
         with self._lock:
@@ -143,16 +142,6 @@ class HttpPool:
         else:
             conn.close()
         return Reply(response.status, response.headers), data
-
-    def get(self, url: str, **kwargs):
-        """requests' API for the rare caller that wants it (the --verify-url check); imported only then."""
-        if self._requests_session is None:
-            import requests
-
-            session = requests.Session()
-            session.trust_env = False
-            self._requests_session = session
-        return self._requests_session.get(url, **kwargs)
 
     def close(self) -> None:
         with self._lock:
