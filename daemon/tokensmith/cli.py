@@ -16,6 +16,7 @@ import sys
 import time
 
 from tokensmith import __version__
+from tokensmith.control import Unreachable, default_runtime_dir, request
 
 EXIT_OK, EXIT_FAILED, EXIT_CHECK_CONFIG, EXIT_UNREACHABLE, EXIT_STATE, EXIT_CONFIG = 0, 1, 2, 6, 73, 78
 
@@ -64,15 +65,12 @@ def socket_path(args) -> str:
                 data = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
             if isinstance(data, dict) and data.get("runtime_dir"):
                 runtime_dir = str(data["runtime_dir"])
-        except (OSError, ValueError, Exception):
-            pass  # the full loader below reports config problems properly
-    if not runtime_dir:
-        runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "/run/tokensmith").split(":")[0]
-    return os.path.join(runtime_dir, "control.sock")
+        except Exception:  # an unreadable config: the full loader reports it properly later
+            pass
+    return os.path.join(runtime_dir or default_runtime_dir(), "control.sock")
 
 
 def via_daemon(args, message: dict):
-    from tokensmith.control import Unreachable, request
 
     try:
         return request(socket_path(args), message)

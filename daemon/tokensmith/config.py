@@ -291,7 +291,9 @@ class SchedulerConfig(Model):
 
 
 def _default_runtime_dir() -> Path:
-    return Path(os.environ.get("RUNTIME_DIRECTORY", "/run/tokensmith").split(":")[0])
+    from tokensmith.control import default_runtime_dir
+
+    return Path(default_runtime_dir())
 
 
 def _default_state_dir() -> Path:

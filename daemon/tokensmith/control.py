@@ -18,6 +18,11 @@ log = logging.getLogger("tokensmith.control")
 MAX_REQUEST = 64 * 1024
 
 
+def default_runtime_dir() -> str:
+    """systemd's RuntimeDirectory= when set, else /run/tokensmith (shared with the config model)."""
+    return os.environ.get("RUNTIME_DIRECTORY", "/run/tokensmith").split(":")[0]
+
+
 class Unreachable(Exception):
     """A daemon's socket exists but the daemon does not answer."""
 
