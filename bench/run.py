@@ -205,7 +205,6 @@ class Sampler:
         started = time.process_time()
         now = time.time()
         missing = expired = 0
-        remaining_min = None
         remaining = []
         stat, mtimes, expires = os.stat, self.mtime, self.expires
         for i, path in enumerate(self.paths):
@@ -324,14 +323,12 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
     sampler = Sampler(project)
     warmup = 60.0
     try:
-        server_cpu0 = server.stats()
         started = time.time()
         daemon = project.start()
         all_tokens_at = None
         window_start = started + warmup
         window_end = window_start + steady
         cpu_start = bench_cpu_start = None
-        refreshes_start = None
         stale_client_seconds = 0
         stale_max = 0
         next_tick = time.time()
@@ -350,7 +347,6 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                 server_window0 = server.stats()
                 bench_cpu_start = resource.getrusage(resource.RUSAGE_SELF)
                 sampler_cpu_start = sampler.cpu
-                refreshes_start = len(sampler.refreshes)
                 log("s3: steady-state window starts")
             if cpu_start is not None:
                 stale = point["missing"] + point["expired"]
@@ -432,9 +428,12 @@ def steady_rss(project: Project, settle: float = 5.0) -> dict:
     try:
         project.wait_socket()
         token = project.token_path(project.names[0])
+        deadline = time.monotonic() + 60
         while not token.exists():
             if daemon.poll() is not None:
                 raise RuntimeError(f"daemon exited; see {project.root}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no token within 60 s; see {project.root}")
             time.sleep(0.01)
         time.sleep(settle)
         rss = rss_kib(daemon.pid)
@@ -633,6 +632,12 @@ def main(argv=None) -> int:
             results["loadavg_at_start"] = handle.read().split()[:3]
     except OSError:
         pass
+    # As `pip install` does: without .pyc files every start would compile tokensmith's modules
+    # (about 50 ms of scenario 1), and an editable install under PYTHONDONTWRITEBYTECODE never caches them.
+    import compileall
+    import tokensmith
+
+    compileall.compile_dir(str(Path(tokensmith.__file__).parent), quiet=1)
     began = time.monotonic()
     server = TokenServer(60)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,6 +98,12 @@ class Running:
     def wait_ready(self, names=None, timeout=15.0):
         names = names or [client["name"] for client in self.project.clients]
         wait_for(lambda: all(self.project.token(name) for name in names) and self.socket_up(), timeout)
+
+    def health_port(self, timeout=10.0) -> int:
+        """The health server starts after the first tokens are on their way, so wait for it."""
+        pattern = re.compile(r"health endpoint listening on 127\.0\.0\.1:(\d+)")
+        wait_for(lambda: pattern.search(self.log), timeout)
+        return int(pattern.search(self.log).group(1))
 
     def socket_up(self) -> bool:
         return (self.project.root / "run" / "control.sock").exists()

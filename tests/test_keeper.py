@@ -6,10 +6,11 @@ import random
 import pytest
 
 from fakes import FailingSink, FakeClock, MemorySink, StaticSource
-from tokensmith.config import ClientConfig
+from tokensmith.config import ClientConfig, FileSinkConfig
 from tokensmith.devserver import OAuthServer
 from tokensmith.errors import TokenEndpointError
 from tokensmith.keeper import Keeper
+from tokensmith.sinks.file import FileSink
 from tokensmith.sources import Credentials
 from tokensmith.state import StateStore
 from tokensmith.tokenclient import TokenClient
@@ -188,6 +189,78 @@ def test_restart_keeps_a_fresh_token_and_the_refresh_chain(server, clock, tmp_pa
     clock.advance(again.next_due() - clock())
     again.run_due()
     assert again.state.last_grant == "refresh_token" and server.stats["refresh_reuse"] == 0
+
+
+def file_sink(path):
+    sink = FileSink(FileSinkConfig(type="file", path=path, format="json"), "c1")
+    sink.check()
+    return sink
+
+
+def test_a_file_sink_is_its_own_record_so_a_refresh_writes_state_once(server, clock, tmp_path):
+    token_file = tmp_path / "c1.token"
+    keeper = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)], grant="client_credentials",
+                         client_id="svc", secret="svc-secret", auth_style="basic")
+    keeper.run_due()
+    state_file = tmp_path / "state" / "c1.json"
+    saved = state_file.stat().st_ino
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert state_file.stat().st_ino != saved
+    rewrites = []
+    keeper.store.save = lambda *args, **kwargs: rewrites.append(args)
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert len(rewrites) == 1, "state was saved again after the file sink write"
+    assert keeper.state.access_token in token_file.read_text() and keeper.ready()
+
+
+def test_restart_reads_the_file_sink_back_instead_of_rewriting_it(server, clock, tmp_path):
+    token_file = tmp_path / "c1.token"
+    keeper = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    keeper.run_due()
+    before = token_file.stat()
+    again = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    assert again.ready() and again.status()["sinks_pending"] == []
+    again.run_due()
+    after = token_file.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_restart_after_a_crash_before_the_sink_write_writes_the_sink(server, clock, tmp_path):
+    token_file = tmp_path / "c1.token"
+    keeper = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    keeper.run_due()
+    old = token_file.read_text()
+    clock.advance(keeper.next_due() - clock())
+
+    class CrashBeforeSinks(BaseException):  # not an Exception: the keeper must not catch it
+        pass
+
+    class Dying(FileSink):
+        def write(self, token):
+            raise CrashBeforeSinks()
+
+    keeper.sinks = [Dying(keeper.sinks[0].config, "c1")]  # the process dies after the state save
+    with pytest.raises(CrashBeforeSinks):
+        keeper.run_due()
+    again = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    assert token_file.read_text() == old and not again.ready()
+    again.run_due()
+    assert again.state.access_token in token_file.read_text() and again.ready()
+
+
+def test_a_symlink_holding_the_token_is_still_replaced(server, clock, tmp_path):
+    token_file = tmp_path / "c1.token"
+    keeper = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    keeper.run_due()
+    elsewhere = tmp_path / "elsewhere"
+    token_file.rename(elsewhere)
+    token_file.symlink_to(elsewhere)
+    again = make_keeper(server, clock, tmp_path, sinks=[file_sink(token_file)])
+    assert not again.ready()
+    again.run_due()
+    assert not token_file.is_symlink() and again.ready()
 
 
 def test_failures_back_off_with_full_jitter_and_honour_retry_after(server, clock, tmp_path):

@@ -2,7 +2,6 @@
 distinctive secrets, and grep every log line, output, status, audit line and metrics page."""
 
 import json
-import re
 import signal
 
 import pytest
@@ -60,7 +59,7 @@ def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
         server.set_client_secret("basic", BAD_SECRET)
         wait_for(lambda: "invalid_client" in daemon.log, timeout=10)
         cli("status")
-        port = int(re.search(r"health endpoint listening on 127\.0\.0\.1:(\d+)", daemon.log).group(1))
+        port = daemon.health_port()
         for path in ("/metrics", "/readyz", "/healthz"):
             outputs.append(requests.get(f"http://127.0.0.1:{port}{path}", timeout=5).text)
         assert "tokensmith_refresh_failures_total" in outputs[-3]
@@ -98,7 +97,7 @@ def test_metrics_and_health_pages_hold_no_secret(tmp_path, server):
     daemon = project.start()
     try:
         daemon.wait_ready()
-        port = int(re.search(r"health endpoint listening on 127\.0\.0\.1:(\d+)", daemon.log).group(1))
+        port = daemon.health_port()
         pages = [requests.get(f"http://127.0.0.1:{port}{path}", timeout=5).text
                  for path in ("/metrics", "/readyz", "/healthz")]
         assert "tokensmith_token_validity_seconds" in pages[0]

@@ -1,13 +1,18 @@
 """The token endpoint client against a real OAuthServer on loopback (the seed dialects), small local
-servers for what the dev server cannot do (redirects, echoed secrets, TLS), and parse_token_response."""
+servers for what the dev server cannot do (redirects, echoed secrets, TLS, raw HTTP/1.1 framing), and
+parse_token_response."""
 
 import base64
+import contextlib
 import datetime
+import http.client
 import ipaddress
 import json
+import re
 import socket
 import ssl
 import threading
+import time
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
@@ -22,8 +27,8 @@ from fakes import FakeClock
 from tokensmith.config import ClientConfig
 from tokensmith.errors import TokenEndpointError
 from tokensmith.sources import Credentials
-from tokensmith.tokenclient import (MAX_BODY, MAX_LIFETIME, TokenClient, basic_auth_header, jwt_expiry,
-                                    parse_token_response)
+from tokensmith.tokenclient import (MAX_BODY, MAX_LIFETIME, BodyError, HttpPool, TokenClient, basic_auth_header,
+                                    jwt_expiry, parse_token_response, post_bytes)
 
 SECRET = "s3cr3t-Client-Secret-7Hq2"
 PASSWORD = "pa55-User-Password-X9w"
@@ -398,6 +403,265 @@ def test_json_body_that_is_pathologically_nested_is_a_typed_error():
     with LocalServer(nested) as server:
         error = expect_error(TokenClient(client_config(server.url + "/t")))
     assert error.status == 400
+
+
+# ---- the wire: request bytes, response parsing, connection reuse
+
+RAW_TOKEN = json.dumps({"access_token": "tok-from-raw-server", "token_type": "Bearer", "expires_in": 600}).encode()
+HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "tokensmith",
+           "Authorization": basic_auth_header("cid", SECRET), "Content-Type": FORM}
+
+
+def fixed(body=RAW_TOKEN, *fields, status="HTTP/1.1 200 OK") -> bytes:
+    return "\r\n".join([status, *fields, f"Content-Length: {len(body)}", "", ""]).encode() + body
+
+
+def chunked(*chunks, trailer="") -> bytes:
+    body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks)
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + f"0\r\n{trailer}\r\n".encode()
+
+
+class RawServer:
+    """A loopback server, one connection at a time, that answers the n-th request with answers[n] as raw
+    bytes (in pieces of `piece` bytes when given) and hangs up after every answer when hang_up is set."""
+
+    def __init__(self, *answers, hang_up=False, piece=None):
+        self.answers = list(answers)
+        self.hang_up = hang_up
+        self.piece = piece
+        self.requests = []
+        self.connections = 0
+        self.hung_up = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.listener.close()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn, conn.makefile("rb") as reader, contextlib.suppress(ConnectionError):
+                while self._answer(conn, reader):
+                    pass
+            self.hung_up.set()
+
+    def _answer(self, conn, reader) -> bool:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = reader.readline()
+            if not line:
+                return False
+            head += line
+        length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))
+        self.requests.append(head + reader.read(length))
+        answer = self.answers.pop(0)
+        if self.piece is None:
+            conn.sendall(answer)
+        else:
+            for start in range(0, len(answer), self.piece):
+                conn.sendall(answer[start:start + self.piece])
+                time.sleep(0.002)
+        return not self.hang_up
+
+
+@pytest.fixture
+def pool():
+    pool = HttpPool()
+    yield pool
+    pool.close()
+
+
+def post(pool, server, body=b"grant_type=client_credentials"):
+    return pool.post(server.url + "/t", body, HEADERS, timeout=2, ca_bundle=None, max_body=MAX_BODY)
+
+
+class Capture:
+    def __init__(self):
+        self.sent = b""
+
+    def sendall(self, data):
+        self.sent += data
+
+
+@pytest.mark.parametrize("https, host, port", [(False, "127.0.0.1", 8080), (False, "token.example", 80),
+                                               (True, "token.example", 443), (True, "::1", 8443),
+                                               (False, "fe80::1%eth0", 80), (True, "bücher.example", 443)])
+@pytest.mark.parametrize("target, body", [("/oauth2/token", b"grant_type=client_credentials"),
+                                          ("/t?grant_type=client_credentials&client_id=cid", None)])
+def test_request_bytes_are_what_http_client_sends(https, host, port, target, body):
+    if https:
+        conn = http.client.HTTPSConnection(host, port, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(host, port)
+    conn.sock = Capture()
+    conn.request("POST", target, body=body, headers=HEADERS)
+    assert post_bytes(host, port, conn.default_port, target, HEADERS, body or b"") == conn.sock.sent
+
+
+@pytest.mark.parametrize("target, headers, error", [("/a b", HEADERS, http.client.InvalidURL),
+                                                    ("/t\x7f", HEADERS, http.client.InvalidURL),
+                                                    ("/tökén", HEADERS, http.client.InvalidURL),
+                                                    ("/t", {**HEADERS, "X-Note": "a\r\nX-Injected: 1"}, ValueError)])
+def test_request_that_cannot_be_sent_safely_is_refused_before_sending(pool, target, headers, error):
+    with RawServer() as server, pytest.raises(error):
+        pool.post(server.url + target, b"x=1", headers, timeout=2, ca_bundle=None, max_body=MAX_BODY)
+    assert server.connections == 0
+
+
+def test_keep_alive_connection_is_reused_and_requests_arrive_whole(pool):
+    with RawServer(fixed(), fixed(), fixed()) as server:
+        for _ in range(3):
+            reply, data = post(pool, server)
+            assert reply.status_code == 200 and data == RAW_TOKEN
+    assert server.connections == 1
+    assert server.requests == [post_bytes("127.0.0.1", server.port, 80, "/t", HEADERS,
+                                          b"grant_type=client_credentials")] * 3
+
+
+def test_token_client_reuses_its_connection():
+    with RawServer(fixed(), fixed()) as server:
+        client = TokenClient(client_config(server.url + "/t"))
+        for _ in range(2):
+            token = client.obtain("client_credentials", Credentials(client_id="cid", client_secret=SECRET))
+            assert token.access_token == "tok-from-raw-server"
+    assert server.connections == 1
+
+
+def test_chunked_body_arriving_in_pieces_is_reassembled_and_the_connection_reused(pool):
+    first, second = RAW_TOKEN[:20], RAW_TOKEN[20:]
+    with RawServer(chunked(first, second, trailer="X-Checksum: 1\r\n"), chunked(RAW_TOKEN), piece=7) as server:
+        assert post(pool, server)[1] == RAW_TOKEN
+        assert post(pool, server)[1] == RAW_TOKEN
+    assert server.connections == 1
+
+
+def test_chunked_body_over_the_cap_is_refused():
+    big = b"a" * (MAX_BODY // 2)
+    with RawServer(chunked(big, big, big)) as server:
+        error = expect_error(TokenClient(client_config(server.url + "/t")))
+    assert error.error == "oversized_response"
+
+
+def test_header_names_are_case_insensitive_and_the_first_of_a_repeated_field_wins(pool):
+    answer = fixed(RAW_TOKEN, "x-SEEN: first", "X-Seen: second", "X-Folded: a,", "\tb", "No colon here",
+                   "Retry-After: 7")
+    with RawServer(answer) as server:
+        reply, _ = post(pool, server)
+    assert reply.headers.get("X-Seen") == reply.headers.get("x-seen") == "first"
+    assert reply.headers.get("x-folded") == "a, b"
+    assert reply.headers.get("RETRY-AFTER") == "7"
+    assert reply.headers.get("missing", "default") == "default"
+
+
+def test_retry_after_is_read_whatever_the_case_of_its_name():
+    answer = fixed(b'{"error":"slow_down"}', "rEtRy-AfTeR: 7", status="HTTP/1.1 429 Too Many Requests")
+    with RawServer(answer) as server:
+        error = expect_error(TokenClient(client_config(server.url + "/t")))
+    assert error.status == 429 and error.retry_after == 7
+
+
+@pytest.mark.parametrize("fields, ok", [(99, True), (100, False)])
+def test_header_line_count_has_http_clients_limit(pool, fields, ok):
+    answer = fixed(RAW_TOKEN, *(f"X-Field-{n}: {n}" for n in range(fields - 1)))  # + Content-Length
+    with RawServer(answer) as server:
+        if ok:
+            assert post(pool, server)[1] == RAW_TOKEN
+        else:
+            with pytest.raises(http.client.HTTPException, match="more than 100 headers"):
+                post(pool, server)
+
+
+@pytest.mark.parametrize("size, ok", [(65536, True), (65537, False)])
+def test_header_line_length_has_http_clients_limit(pool, size, ok):
+    answer = fixed(RAW_TOKEN, "X-Long: " + "a" * (size - len("X-Long: \r\n")))
+    with RawServer(answer) as server:
+        if ok:
+            assert post(pool, server)[1] == RAW_TOKEN
+        else:
+            with pytest.raises(http.client.LineTooLong, match="header line"):
+                post(pool, server)
+
+
+@pytest.mark.parametrize("answer, error", [
+    (b"HTTP/1.1 200 " + b"x" * 70000 + b"\r\n\r\n", http.client.LineTooLong),
+    (b"HTTP/1.1 200 OK\r\nX-Endless: " + b"x" * 70000, http.client.LineTooLong),
+    (b"SPDY/3 200 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"HTTP/1.1 20 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"HTTP/1.1 OK\r\n\r\n", http.client.BadStatusLine),
+    (b"HTTP/2 200\r\n\r\n", http.client.UnknownProtocol),
+    (b"", http.client.RemoteDisconnected)])
+def test_malformed_status_or_header_is_a_typed_error(pool, answer, error, report):
+    with RawServer(answer, answer, hang_up=True) as server:
+        with pytest.raises(error):
+            post(pool, server)
+        failure = expect_error(TokenClient(client_config(server.url + "/t", "query")))
+    assert failure.error == "unreachable" and failure.retryable is True
+    report.record('malformed status line or header block (overlong line, bad status, unknown protocol)',
+                  "typed HTTPException; retryable 'unreachable' error")
+
+
+@pytest.mark.parametrize("answer", [fixed(RAW_TOKEN)[:-5],
+                                    chunked(RAW_TOKEN)[:-10],
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 70000])
+def test_body_cut_short_or_garbled_is_a_body_error(pool, answer):
+    with RawServer(answer, answer, hang_up=True) as server:
+        with pytest.raises(BodyError):
+            post(pool, server)
+        error = expect_error(TokenClient(client_config(server.url + "/t")))
+    assert "connection lost while reading the response" in str(error) and error.retryable is True
+
+
+def test_interim_1xx_responses_are_skipped(pool):
+    interim = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    with RawServer(interim + fixed(), fixed()) as server:
+        reply, data = post(pool, server)
+        assert reply.status_code == 200 and data == RAW_TOKEN
+        assert post(pool, server)[1] == RAW_TOKEN
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("answer, hang_up", [
+    (fixed(RAW_TOKEN, "Connection: close"), True),
+    (fixed(RAW_TOKEN, "Connection: keep-alive, close"), False),
+    (fixed(RAW_TOKEN, status="HTTP/1.0 200 OK"), True),
+    (b"HTTP/1.1 200 OK\r\n\r\n" + RAW_TOKEN, True),
+    (b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n" + RAW_TOKEN, True),
+    (fixed(RAW_TOKEN) + b"HTTP/1.1 200 OK\r\n", False)])
+def test_connection_the_response_does_not_leave_reusable_is_replaced(pool, answer, hang_up):
+    with RawServer(answer, fixed(), hang_up=hang_up) as server:
+        assert post(pool, server)[1] == RAW_TOKEN
+        assert post(pool, server)[1] == RAW_TOKEN
+    assert server.connections == 2
+
+
+def test_http_1_0_keep_alive_response_keeps_the_connection(pool):
+    answer = fixed(RAW_TOKEN, "Connection: Keep-Alive", status="HTTP/1.0 200 OK")
+    with RawServer(answer, answer) as server:
+        post(pool, server)
+        post(pool, server)
+    assert server.connections == 1
+
+
+def test_idle_connection_the_server_closed_is_noticed_and_replaced(pool, report):
+    with RawServer(fixed(), fixed(), hang_up=True) as server:
+        assert post(pool, server)[1] == RAW_TOKEN
+        assert server.hung_up.wait(2)
+        assert post(pool, server)[1] == RAW_TOKEN
+    assert server.connections == 2
+    report.record('token endpoint closes an idle keep-alive connection',
+                  'noticed before reuse; the next request goes out on a new connection')
 
 
 # ---- TLS

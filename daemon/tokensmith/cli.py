@@ -126,6 +126,7 @@ def cmd_run(args) -> int:
 
     settings = load(args)
     daemon = Daemon(settings, args.config)
+    daemon.handle_signals()
     try:
         daemon.build()
         daemon.start()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tokensmith.errors import ConfigError
 
@@ -25,6 +25,15 @@ CONFIG_ENV = "TOKENSMITH_CONFIG"
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Equal frozen sub-configs are kept once: most clients share a refresh policy and a key map, and
+# at thousands of clients every copy costs about a kilobyte of resident memory.
+_SHARED: "weakref.WeakValueDictionary[Model, Model]" = weakref.WeakValueDictionary()
+
+
+def shared(model: Model) -> Model:
+    return _SHARED.setdefault(model, model)
 
 
 class KeyMap(Model):
@@ -200,6 +209,8 @@ class ClientConfig(Model):
     sinks: list[SinkConfig] = Field(min_length=1)
     hooks: list[HookConfig] = []
 
+    _shared = field_validator("source", "refresh", mode="after")(shared)
+
     @model_validator(mode="after")
     def _cross_field(self) -> "ClientConfig":
         for field in ("token_url", "revocation_url", "introspection_url"):
@@ -300,8 +311,10 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/tokensmith").split(":")[0])
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix=ENV_PREFIX, env_nested_delimiter="__")
+class Settings(Model):
+    """The whole config. read_config_data merges the YAML file and TOKENSMITH_* variables before
+    validation, because env values address list items by index or client name. That is why this
+    is a plain model and not a pydantic-settings BaseSettings, whose env source cannot."""
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
@@ -313,12 +326,6 @@ class Settings(BaseSettings):
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        # The stock env source cannot address list items, so YAML and env are merged by one source.
-        return (init_settings,)
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Settings":

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 TEMP_PREFIX = ".tokensmith-"
 TEMP_SUFFIX = ".tmp"
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None = None,
+def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o600, gid: int | None = None,
                  sync_dir: bool = True) -> os.stat_result:
     """Replace `path` with `data` so a reader sees the old file or the new one, never a part.
 
@@ -23,8 +22,10 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
 
     Returns the new file's stat (inode, size, mtime), which tells a later reader whether it changed.
     """
-    directory = path.parent
-    temp = directory / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    # plain strings, not pathlib: this runs three times per refresh, thousands of times a minute
+    directory, name = os.path.split(os.fspath(path))
+    directory = directory or "."
+    temp = os.path.join(directory, f"{TEMP_PREFIX}{name}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         try:
@@ -50,10 +51,24 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, gid: int | None 
     return written
 
 
-def fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def holds(path: str | os.PathLike, data: bytes) -> bool:
+    """True when the regular file at `path` (not a symlink) has exactly `data`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(data) + 1) == data
+    except OSError:
+        return False
     finally:
         os.close(fd)
 

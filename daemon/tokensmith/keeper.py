@@ -6,7 +6,8 @@ Order of a refresh, chosen so a crash at any instant loses nothing:
   1. obtain the token (a refresh-token exchange spends the old refresh token at the provider);
   2. persist state with the new token and new refresh token, before anything else uses them;
   3. write every sink (failures are retried later with backoff, without a new token);
-  4. persist which sinks hold the token, then run the consumer hooks.
+  4. persist which sinks hold the token (only for sinks that cannot tell by themselves: a file
+     sink is read back at start-up instead), then run the consumer hooks.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class Outcome:
 
 
 class Keeper:
+    # slots: one keeper per client, thousands per daemon
+    __slots__ = ("client", "name", "source", "sinks", "token_client", "store", "clock", "rng", "metrics", "hooks",
+                 "lock", "creds", "failures", "sink_failures", "retry_at", "sink_retry_at", "refresh_at", "state",
+                 "state_unsaved", "last_compromise")
+
     def __init__(self, client, source, sinks, token_client, store: StateStore, *, clock=time.time,
                  rng: random.Random | None = None, metrics=None, hooks=None):
         self.client = client
@@ -78,7 +84,6 @@ class Keeper:
         self.state = ClientState()
         self.state_unsaved = False
         self.last_compromise = None
-        self._fingerprint: tuple[str, str] | None = None  # (access token, its fingerprint), for pending_sinks
 
     # ---- start-up
 
@@ -91,11 +96,19 @@ class Keeper:
         self.state = state or ClientState()
         token = self.state.token
         if token and token.expires_at > self.clock():
+            self._recognise_sinks(token)
             self.refresh_at = self.schedule_for(token)
             log.info("kept token %s from state, expires_at=%d next_refresh=%d", token.fingerprint, token.expires_at,
                      self.refresh_at, extra={"client": self.name, "event": "token_kept"})
         else:
             self.refresh_at = 0.0
+
+    def _recognise_sinks(self, token: Token) -> None:
+        written = self.state.sinks_written
+        current = token.fingerprint
+        for sink in self.sinks:
+            if written.get(sink.name) != current and hasattr(sink, "holds") and sink.holds(token):
+                written[sink.name] = current
 
     def check_sinks(self) -> None:
         """Raise for a sink that can never work; a store that is merely down now is retried on write."""
@@ -139,19 +152,10 @@ class Keeper:
             due = min(due, self.sink_retry_at)
         return due
 
-    def _current_fingerprint(self) -> str | None:
-        token = self.state.access_token
-        if not token:
-            return None
-        cached = self._fingerprint
-        if cached is None or cached[0] is not token:
-            cached = self._fingerprint = (token, fingerprint(token))
-        return cached[1]
-
     def pending_sinks(self) -> list:
-        current = self._current_fingerprint()
-        if current is None:
+        if not self.state.access_token:
             return []
+        current = fingerprint(self.state.access_token)
         return [sink for sink in self.sinks if self.state.sinks_written.get(sink.name) != current]
 
     def backoff(self, attempt: int, error: TokensmithError | None) -> float:
@@ -331,7 +335,8 @@ class Keeper:
             return
         written = self.state.sinks_written
         failed = False
-        current = token.fingerprint  # a SHA-256 per access: computed once
+        unrecorded = False  # a sink written now that cannot later tell which token it holds
+        current = token.fingerprint
         for sink in self.sinks:
             if written.get(sink.name) == current:
                 continue
@@ -353,11 +358,14 @@ class Keeper:
                 continue
             outcome.sinks[sink.name] = None
             written[sink.name] = current
+            unrecorded = unrecorded or not hasattr(sink, "holds")
         if failed:
             self.sink_failures += 1
             self.sink_retry_at = self.clock() + self.backoff(self.sink_failures, None)
         else:
             self.sink_failures = 0
+        if not (unrecorded or self.state_unsaved):
+            return
         try:
             # Which sinks hold the token: if a crash loses this write, the previous (durable) state
             # is read back and the same token is written to the sinks again. Skipping the directory

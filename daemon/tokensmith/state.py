@@ -22,7 +22,7 @@ from tokensmith.tokens import Token
 FORMAT_VERSION = 1
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientState:
     access_token: str | None = field(default=None, repr=False)
     token_type: str = "Bearer"
@@ -46,8 +46,8 @@ class ClientState:
                      expires_at=self.expires_at, refresh_token=self.refresh_token)
 
 
-_FIELDS = fields(ClientState)
-_KNOWN = frozenset(f.name for f in _FIELDS)
+_NAMES = tuple(f.name for f in fields(ClientState))
+_KNOWN = frozenset(_NAMES)
 
 
 _TYPES = {"access_token": (str, type(None)), "token_type": (str,), "obtained_at": (int, float),
@@ -75,6 +75,7 @@ def _signature(st: os.stat_result) -> tuple[int, int, int]:
 class StateStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self._dir = str(self.directory)  # per-refresh paths are plain strings: pathlib costs more than the syscalls
         self._seen: dict[str, tuple[int, int, int]] = {}  # per client: the file as this store last wrote or read it
 
     def prepare(self) -> None:
@@ -97,8 +98,11 @@ class StateStore:
     def path(self, client: str) -> Path:
         return self.directory / f"{client}.json"
 
+    def _file(self, client: str, suffix: str = ".json") -> str:
+        return f"{self._dir}/{client}{suffix}"
+
     def load(self, client: str) -> ClientState | None:
-        path = self.path(client)
+        path = self._file(client)
         try:
             with open(path, "rb") as handle:
                 seen = _signature(os.fstat(handle.fileno()))
@@ -112,9 +116,9 @@ class StateStore:
             state = ClientState(**{key: value for key, value in data.items() if key in _KNOWN})
             check_types(state)
         except (ValueError, TypeError, AttributeError):  # AttributeError: valid JSON but not an object
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            aside = f"{path}.corrupt-{int(time.time())}"
             os.replace(path, aside)
-            raise StateError(f"state file {path} was unreadable and was moved to {aside.name}; "
+            raise StateError(f"state file {path} was unreadable and was moved to {os.path.basename(aside)}; "
                              f"a new token will be obtained", client=client) from None
         self._seen[client] = seen
         return state
@@ -123,7 +127,7 @@ class StateStore:
         """load(), or None when the file is the one this store last wrote or read (one stat instead
         of a read and a parse on every refresh) or does not exist."""
         try:
-            st = os.stat(self.path(client))
+            st = os.stat(self._file(client))
         except FileNotFoundError:
             return None
         except OSError:
@@ -135,21 +139,21 @@ class StateStore:
     def save(self, client: str, state: ClientState, *, sync_dir: bool = True) -> None:
         """sync_dir=False only where losing this write in a crash is harmless (the previous,
         durable version is then read back), e.g. the record of which sinks hold the token."""
-        data = {f.name: getattr(state, f.name) for f in _FIELDS}
+        data = {name: getattr(state, name) for name in _NAMES}
         data["sinks_written"] = dict(state.sinks_written)
         data["version"] = FORMAT_VERSION
+        path = self._file(client)
         try:
-            written = atomic_write(self.path(client), json.dumps(data, separators=(",", ":")).encode(), mode=0o600,
+            written = atomic_write(path, json.dumps(data, separators=(",", ":")).encode(), mode=0o600,
                                    sync_dir=sync_dir)
         except OSError as exc:
-            raise StateError(f"cannot write state file {self.path(client)}: {exc.strerror or exc}",
-                             client=client) from exc
+            raise StateError(f"cannot write state file {path}: {exc.strerror or exc}", client=client) from exc
         self._seen[client] = _signature(written)
 
     @contextmanager
     def client_lock(self, client: str):
         """The cross-process lock that makes the daemon and a CLI without a daemon one writer per client."""
-        fd = os.open(self.directory / f"{client}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self._file(client, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from dataclasses import dataclass, field
+
+
+@lru_cache(maxsize=256)  # a refresh names its old and new token several times (log, sinks, status)
+def _sha256_prefix(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
 
 
 def fingerprint(secret: str | None) -> str:
     """The first 12 hex digits of the SHA-256 of a token: enough to tell tokens apart, useless to an attacker."""
     if not secret:
         return "-"
-    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+    return _sha256_prefix(secret)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Token:
     access_token: str = field(repr=False)
     token_type: str

@@ -169,3 +169,26 @@ def test_rotated_file_is_read_again(tmp_path):
     # ... and rewritten in place.
     path.write_text("client_id=billing\nclient_secret=newest-secret\n")
     assert source.read().client_secret == "newest-secret"
+
+
+def test_an_unchanged_file_is_not_read_again_and_a_rotated_one_is(tmp_path):
+    path = credentials_file(tmp_path, json.dumps({"client_id": "billing", "client_secret": SECRET}))
+    source = FileSource(config(path), backends=None)
+    first = source.read()
+    assert source.read() is first, "an unchanged file was parsed again"
+    rotated = SECRET + "-rotated"
+    replacement = credentials_file(tmp_path, json.dumps({"client_id": "billing", "client_secret": rotated}),
+                                   name="creds.new")
+    os.replace(replacement, path)  # how secret operators and editors replace a file
+    assert source.read().client_secret == rotated
+    path.write_text(json.dumps({"client_id": "billing", "client_secret": SECRET}))  # rewritten in place
+    assert source.read().client_secret == SECRET
+
+
+def test_a_cached_file_opened_to_others_later_is_refused(tmp_path):
+    path = credentials_file(tmp_path, json.dumps({"client_id": "billing", "client_secret": SECRET}))
+    source = FileSource(config(path), backends=None)
+    source.read()
+    os.chmod(path, 0o644)
+    with pytest.raises(SourceError, match="accessible by group or others"):
+        source.read()

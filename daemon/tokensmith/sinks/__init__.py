@@ -23,6 +23,9 @@ class Sink(Protocol):
 
     def write(self, token: "Token") -> None: ...
 
+    # Optional: `holds(token) -> bool`, True when the destination already has exactly this token.
+    # A sink that can answer cheaply (a local file) needs no persisted record of what it was sent.
+
 
 SINKS = {
     "file": "tokensmith.sinks.file:FileSink",

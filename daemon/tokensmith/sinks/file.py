@@ -10,7 +10,7 @@ import json
 import os
 
 from tokensmith.errors import SinkError
-from tokensmith.fsutil import atomic_write
+from tokensmith.fsutil import atomic_write, holds
 
 
 def render(token, fmt: str, env_key: str) -> bytes:
@@ -25,6 +25,7 @@ def render(token, fmt: str, env_key: str) -> bytes:
 
 class FileSink:
     type = "file"
+    __slots__ = ("config", "client", "path", "name", "gid")
 
     def __init__(self, config, client_name: str, backends=None):
         self.config = config
@@ -52,6 +53,11 @@ class FileSink:
                             retryable=False)
         if self.path.is_dir():
             raise SinkError(f"{self.name}: path is a directory", client=self.client, retryable=False)
+
+    def holds(self, token) -> bool:
+        """The file is its own record of which token it holds: a restart reads it instead of the
+        keeper persisting a record after every write."""
+        return holds(self.path, render(token, self.config.format, self.config.env_key))
 
     def write(self, token) -> None:
         data = render(token, self.config.format, self.config.env_key)

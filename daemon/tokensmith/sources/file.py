@@ -26,11 +26,27 @@ def parse_key_values(text: str) -> dict[str, str]:
 
 
 class FileSource:
+    __slots__ = ("client", "path", "_last")
+
     def __init__(self, client, backends):
         self.client = client
         self.path = client.source.path
+        self._last: tuple[tuple, Credentials] | None = None
 
     def read(self) -> Credentials:
+        # one stat instead of an open, a read and a parse when the file has not changed since
+        try:
+            st = os.stat(self.path)
+            signature = (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        except OSError:
+            signature = None
+        if signature is not None and self._last is not None and self._last[0] == signature:
+            return self._last[1]
+        creds = self._read()
+        self._last = (signature, creds) if signature is not None else None
+        return creds
+
+    def _read(self) -> Credentials:
         where = f"credentials file {self.path}"
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
