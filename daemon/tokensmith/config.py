@@ -26,10 +26,21 @@ CONFIG_ENV = "TOKENSMITH_CONFIG"
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="after")
+    def _shared_fields_set(self):
+        # Which fields a client's config sets is the same for thousands of clients, and each copy
+        # of that set costs up to 728 bytes. Shared as a frozenset: a frozen model never adds to it.
+        names = frozenset(self.__pydantic_fields_set__)
+        object.__setattr__(self, "__pydantic_fields_set__", _FIELD_SETS.setdefault(names, names))
+        return self
+
 
 # Equal frozen sub-configs are kept once: most clients share a refresh policy and a key map, and
 # at thousands of clients every copy costs about a kilobyte of resident memory.
 _SHARED: "weakref.WeakValueDictionary[Model, Model]" = weakref.WeakValueDictionary()
+
+
+_FIELD_SETS: dict[frozenset, frozenset] = {}
 
 
 def shared(model: Model) -> Model:
@@ -311,10 +322,12 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/tokensmith").split(":")[0])
 
 
-class Settings(Model):
+class Settings(BaseModel):
     """The whole config. read_config_data merges the YAML file and TOKENSMITH_* variables before
     validation, because env values address list items by index or client name. That is why this
     is a plain model and not a pydantic-settings BaseSettings, whose env source cannot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)  # not Model: cli.py model_copy(update=...)s it
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)

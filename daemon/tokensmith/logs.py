@@ -40,6 +40,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "INFO", fmt: str = "plain", stream=None) -> None:
+    # The logging HOWTO's "Optimization" switches: no formatter here shows the caller's source
+    # line, thread or process, and gathering them costs a stack walk and a syscall per line.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else PlainFormatter())
     root = logging.getLogger()
