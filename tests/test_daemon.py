@@ -174,3 +174,38 @@ def test_once_with_a_running_daemon_goes_through_it(project, server):
         assert status["clients"][0]["token"] == fingerprint(project.token("c")), "the daemon itself rotated it"
     finally:
         daemon.stop()
+
+
+def test_first_tokens_come_before_the_scheduler_and_each_client_gets_one_job(tmp_path):
+    from tokensmith.config import load_settings
+    from tokensmith.daemon import Daemon
+
+    with OAuthServer(access_lifetime=60) as server:
+        project = Project(tmp_path, server)
+        names = [f"c{i}" for i in range(12)]
+        for name in names:
+            project.add_client(name)
+        settings = load_settings(project.write())
+        daemon = Daemon(settings, project.config, serve=False)
+        daemon.build()
+        scheduler_at_first_token = []
+        original = daemon.keepers[names[0]].sinks[0].write
+
+        class Watching(type(daemon.keepers[names[0]].sinks[0])):
+            def write(self, token):
+                scheduler_at_first_token.append(daemon.scheduler)
+                original(token)
+
+        keeper = daemon.keepers[names[0]]
+        keeper.sinks = [Watching(keeper.sinks[0].config, names[0])]
+        daemon.start()
+        try:
+            wait_for(lambda: all(project.token(name) for name in names))
+            wait_for(lambda: len(daemon.scheduler.get_jobs()) == len(names))
+            assert scheduler_at_first_token == [None], "the first token waited for APScheduler"
+            assert sorted(job.id for job in daemon.scheduler.get_jobs()) == sorted(names)
+            assert server.stats["issued"] == len(names), "a client got two tokens at start-up"
+            due = {job.id: job.next_run_time.timestamp() for job in daemon.scheduler.get_jobs()}
+            assert all(due[name] == pytest.approx(daemon.keepers[name].next_due(), abs=1) for name in names)
+        finally:
+            daemon.stop()

@@ -38,8 +38,6 @@ class Model(BaseModel):
 # Equal frozen sub-configs are kept once: most clients share a refresh policy and a key map, and
 # at thousands of clients every copy costs about a kilobyte of resident memory.
 _SHARED: "weakref.WeakValueDictionary[Model, Model]" = weakref.WeakValueDictionary()
-
-
 _FIELD_SETS: dict[frozenset, frozenset] = {}
 
 

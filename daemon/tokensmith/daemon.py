@@ -133,7 +133,7 @@ class Daemon:
         from apscheduler.executors.pool import BasePoolExecutor, ThreadPoolExecutor as PoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
-        class SharedPoolExecutor(PoolExecutor):
+        class SharedPoolExecutor(PoolExecutor):  # APScheduler's own would start a second pool
             def __init__(self, pool):
                 BasePoolExecutor.__init__(self, pool)
 

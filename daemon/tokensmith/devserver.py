@@ -440,9 +440,11 @@ def main(argv=None):
     server = OAuthServer(args.host, args.port, access_lifetime=args.access_lifetime, jwt=args.jwt)
     for client_id, secret, dialect in clients:
         server.add_client(client_id, secret, dialect=dialect, users=users)
-        print(f"client {client_id} ({dialect} dialect)")
-    print(server.token_url, flush=True)
+    # announced only once serving, so a Ctrl-C sent after reading the URL cannot land inside start()
     with server:
+        for client_id, _, dialect in clients:
+            print(f"client {client_id} ({dialect} dialect)")
+        print(server.token_url, flush=True)
         try:
             while True:
                 time.sleep(3600)
