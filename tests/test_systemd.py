@@ -240,7 +240,7 @@ _WORKLOAD = textwrap.dedent(
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     for name in ("requests", "boto3", "botocore", "hvac", "yaml", "pydantic",
-                 "pydantic_settings", "prometheus_client", "jwt", "apscheduler",
+                 "prometheus_client", "jwt", "apscheduler",
                  "cryptography.hazmat.primitives.asymmetric.ec", "tokensmith.sdnotify"):
         try:
             importlib.import_module(name)
