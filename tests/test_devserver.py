@@ -501,11 +501,15 @@ def test_context_manager_and_urls():
             server.add_client("x", "y", dialect="xml")
 
 
-def test_command_line_serves_until_interrupted():
+@pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("inherited_sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["sigint-default", "sigint-ignored"])
+def test_command_line_serves_until_interrupted(stop_with, inherited_sigint):
     env = {**os.environ, "PYTHONPATH": str(DAEMON_DIR)}
+    # a script's `cmd &` starts it with SIGINT ignored, and CI runners may too
     proc = subprocess.Popen([sys.executable, "-m", "tokensmith.devserver", "--port", "0",
                              "--client", "cli-id:cli:secret:basic", "--user", "ann:pw"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, inherited_sigint))
     try:
         lines = [proc.stdout.readline().strip() for _ in range(2)]
         assert lines[0] == "client cli-id (basic dialect)"
@@ -515,7 +519,12 @@ def test_command_line_serves_until_interrupted():
                                  headers=basic_header("cli-id", "cli:secret"), timeout=5)
         assert response.status_code == 200 and "refresh_token" in response.json()
     finally:
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
+        proc.send_signal(stop_with)
+        try:
+            out, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"the dev server did not stop on {signal.Signals(stop_with).name}") from None
     assert proc.returncode == 0, err
     assert err == ""

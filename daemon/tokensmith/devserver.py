@@ -24,6 +24,7 @@ import hmac
 import json
 import secrets
 import socket
+import signal
 import sys
 import threading
 import time
@@ -440,6 +441,9 @@ def main(argv=None):
     server = OAuthServer(args.host, args.port, access_lifetime=args.access_lifetime, jwt=args.jwt)
     for client_id, secret, dialect in clients:
         server.add_client(client_id, secret, dialect=dialect, users=users)
+    # Ctrl-C and SIGTERM stop it even when it was started with SIGINT ignored (as `cmd &` in a script does)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # announced only once serving, so a Ctrl-C sent after reading the URL cannot land inside start()
     with server:
         for client_id, _, dialect in clients:
