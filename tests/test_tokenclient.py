@@ -27,8 +27,9 @@ from fakes import FakeClock
 from tokensmith.config import ClientConfig
 from tokensmith.errors import TokenEndpointError
 from tokensmith.sources import Credentials
-from tokensmith.tokenclient import (MAX_BODY, MAX_LIFETIME, BodyError, HttpPool, TokenClient, basic_auth_header,
-                                    jwt_expiry, parse_token_response, post_bytes)
+from tokensmith.tokenclient import (MAX_BODY, MAX_LIFETIME, TokenClient, basic_auth_header, jwt_expiry,
+                                    parse_token_response)
+from tokensmith.transport import BodyError, HttpPool, post_bytes
 
 SECRET = "s3cr3t-Client-Secret-7Hq2"
 PASSWORD = "pa55-User-Password-X9w"
