@@ -10,15 +10,44 @@ from typing import Any
 
 import boto3
 import botocore.exceptions as boto_exc
+from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
 from botocore.config import Config
 
 from tokensmith.config import AwsConfig
+from tokensmith.deadline import limit, watched_pool_classes
 from tokensmith.errors import ConfigError, TokensmithError
 
 RETRYABLE_CODES = {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
                    "RequestThrottled", "SlowDown", "InternalServiceError", "InternalServiceErrorException",
                    "InternalFailure", "ServiceUnavailable", "RequestTimeout", "RequestTimeoutException"}
 NOT_CONFIGURED = (boto_exc.NoCredentialsError, boto_exc.PartialCredentialsError, boto_exc.NoRegionError)
+
+
+WATCHED_POOLS = watched_pool_classes(AWSHTTPConnectionPool, AWSHTTPSConnectionPool)
+
+
+class DeadlineSender:
+    """botocore's HTTP session with each request and its whole response within one deadline (urllib3's
+    timeouts are per recv: an endpoint dripping bytes would hold the caller for ever). botocore has no
+    public hook for its connection classes, hence the private attributes, checked by the tests."""
+
+    def __init__(self, http, seconds: float):
+        self._http = http
+        self.seconds = seconds
+        http._pool_classes_by_scheme = WATCHED_POOLS  # proxy managers made later
+        http._manager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def send(self, request):
+        with limit(self.seconds) as call:
+            try:
+                return self._http.send(request)
+            except boto_exc.BotoCoreError as exc:
+                if call.expired:
+                    raise boto_exc.ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
+                raise
+
+    def __getattr__(self, name):
+        return getattr(self._http, name)
 
 
 def make_client(service: str, config: AwsConfig | None) -> Any:
@@ -28,12 +57,15 @@ def make_client(service: str, config: AwsConfig | None) -> Any:
                       read_timeout=config.timeout)
     try:
         # a Session per client: boto3's default session is not thread-safe, its clients are
-        return boto3.session.Session().client(service, region_name=config.region, endpoint_url=config.endpoint_url,
-                                              config=settings)
+        client = boto3.session.Session().client(service, region_name=config.region, endpoint_url=config.endpoint_url,
+                                                config=settings)
     except boto_exc.NoRegionError as exc:
         raise ConfigError("no AWS region: set aws.region or AWS_REGION") from exc
     except (boto_exc.BotoCoreError, ValueError) as exc:
         raise ConfigError(f"cannot create the AWS {service} client ({type(exc).__name__})") from exc
+    endpoint = client._endpoint
+    endpoint.http_session = DeadlineSender(endpoint.http_session, config.timeout)
+    return client
 
 
 def error_code(exc: BaseException) -> str | None:

@@ -51,21 +51,38 @@ def operator_identity(uid: int | None = None) -> dict:
 
 
 def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: float, ca_bundle=None) -> str:
-    """--verify-url: the protected resource must refuse the old token (401) and take the new one."""
-    import requests
+    """--verify-url: the protected resource must refuse the old token (401) and take the new one.
+    Each request has the token client's transport and deadline: no proxy from the environment sees
+    either token, no redirect is followed, TLS is verified against the client's CA bundle."""
+    import http.client
+    import ssl
+    from urllib.parse import urlsplit
 
-    with requests.Session() as session:
-        session.trust_env = False  # no proxy from the environment sees either token
-        kwargs = {"timeout": timeout, "allow_redirects": False, "verify": str(ca_bundle) if ca_bundle else True}
-        try:
-            old = session.get(url, headers={"Authorization": f"Bearer {old_token}"}, **kwargs)
-            new = session.get(url, headers={"Authorization": f"Bearer {new_token}"}, **kwargs)
-        except requests.RequestException as exc:
-            return f"error: {type(exc).__name__}"
-    if old.status_code != 401:
-        return f"failed: old token got HTTP {old.status_code}"
-    if not 200 <= new.status_code < 300:
-        return f"failed: new token got HTTP {new.status_code}"
+    from tokensmith.transport import BodyError, HttpPool, TLSSetupError
+
+    if urlsplit(url).scheme not in ("http", "https"):
+        return "error: not an http(s) URL"
+    pool = HttpPool(pool_size=1)
+    ca = str(ca_bundle) if ca_bundle else None
+    statuses = []
+    try:
+        for token in (old_token, new_token):
+            reply, _ = pool.get(url, {"Authorization": f"Bearer {token}", "Accept-Encoding": "identity",
+                                      "User-Agent": "tokensmith"}, timeout=timeout, ca_bundle=ca, max_body=64 * 1024)
+            statuses.append(reply.status_code)
+    except TimeoutError:
+        return f"error: timed out after {timeout:g}s"
+    except (ssl.SSLError, TLSSetupError):
+        return "error: TLS verification failed"
+    except (OSError, ValueError, BodyError, http.client.HTTPException) as exc:
+        return f"error: {type(exc).__name__}"
+    finally:
+        pool.close()
+    old, new = statuses
+    if old != 401:
+        return f"failed: old token got HTTP {old}"
+    if not 200 <= new < 300:
+        return f"failed: new token got HTTP {new}"
     return "verified"
 
 

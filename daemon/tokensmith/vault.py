@@ -13,10 +13,12 @@ from typing import Callable
 
 import hvac
 import requests
+import urllib3
 from hvac import exceptions as vault_exc
 from requests.adapters import HTTPAdapter
 
 from tokensmith.config import VaultConfig
+from tokensmith.deadline import limit, watched_pool_classes
 from tokensmith.errors import SinkError, SourceError, TokensmithError
 
 STATUS = {vault_exc.InvalidRequest: 400, vault_exc.Unauthorized: 401, vault_exc.Forbidden: 403,
@@ -33,6 +35,44 @@ CAS_MISMATCH = "check-and-set parameter did not match"
 DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
 
 
+WATCHED_POOLS = watched_pool_classes(urllib3.HTTPConnectionPool, urllib3.HTTPSConnectionPool)
+
+
+class WatchedAdapter(HTTPAdapter):
+    """No retries, and connections whose sockets the deadline reaper can shut down."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
+
+    def proxy_manager_for(self, *args, **kwargs):
+        manager = super().proxy_manager_for(*args, **kwargs)
+        manager.pool_classes_by_scheme = WATCHED_POOLS
+        return manager
+
+
+class DeadlineSession(requests.Session):
+    """Each request, its redirects and its whole response, within one deadline (urllib3's timeout is
+    per recv: a server dripping bytes would hold the caller for ever)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        adapter = WatchedAdapter(max_retries=0)
+        self.mount("http://", adapter)
+        self.mount("https://", adapter)
+
+    def send(self, request, **kwargs):
+        with limit(self.seconds) as call:
+            try:
+                return super().send(request, **kwargs)
+            except requests.RequestException as exc:
+                if call.expired:
+                    raise requests.exceptions.ReadTimeout(f"no complete response within {self.seconds:g}s") \
+                        from exc
+                raise
+
+
 def describe(exc: vault_exc.VaultError) -> str:
     errors = exc.errors if isinstance(exc.errors, list) else [exc.errors or ""]
     text = " ".join(str(error) for error in errors)
@@ -47,10 +87,7 @@ class VaultClient:
     def __init__(self, config: VaultConfig):
         self.config = config
         verify = str(config.ca_bundle) if config.ca_bundle else True
-        session = requests.Session()
-        no_retries = HTTPAdapter(max_retries=0)
-        session.mount("http://", no_retries)
-        session.mount("https://", no_retries)
+        session = DeadlineSession(config.timeout)
         session.verify = verify
         self._hvac = hvac.Client(url=config.address, namespace=config.namespace, verify=verify,
                                  timeout=config.timeout, session=session)

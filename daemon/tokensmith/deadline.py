@@ -1,0 +1,150 @@
+"""One absolute deadline per call for the HTTP libraries that only time out each recv (urllib3, under
+hvac and botocore): a peer dripping one byte per timeout would otherwise hold the caller for ever.
+
+A call runs inside `limit(seconds)`; the connection classes below register the sockets it uses, and
+one reaper thread shuts down (SHUT_RDWR) the sockets of a call still running at its deadline, which
+ends the blocked connect, send or recv with an error the caller reports as a timeout (Call.expired).
+Registering is a heap push under a lock; a finished call is only marked, and dropped from the heap
+when its deadline comes round.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+SLACK = 0.05  # deadlines this close together are handled in one wake-up (late, never early)
+
+_local = threading.local()
+
+
+class Call:
+    __slots__ = ("deadline", "socks", "done", "expired", "queued")
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.socks: list = []
+        self.done = False
+        self.expired = False
+        self.queued = False
+
+    def remaining(self) -> float:
+        """Seconds left; TimeoutError (and the call marked expired) when none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.expired = True
+            raise TimeoutError("deadline passed")
+        return left
+
+
+def _shutdown(sock) -> None:
+    try:
+        if isinstance(sock, socket.socket):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain one: SSLSocket's would drop its SSL object
+        else:
+            sock.shutdown(socket.SHUT_RDWR)
+    except Exception:  # already closed, detached or never connected: nothing left to wake
+        pass
+
+
+class Reaper:
+    def __init__(self):
+        self._heap: list[tuple[float, int, Call]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+
+    def watch(self, call: Call, sock) -> None:
+        with self._cond:
+            if call.done:
+                return
+            if any(known is sock for known in call.socks):
+                return
+            call.socks.append(sock)
+            if call.expired:  # past its deadline already: nothing will read this socket in time
+                _shutdown(sock)
+                return
+            if not call.queued:
+                call.queued = True
+                heapq.heappush(self._heap, (call.deadline, next(self._order), call))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="deadline-reaper", daemon=True)
+                    self._thread.start()
+                elif self._heap[0][2] is call:
+                    self._cond.notify()
+
+    def end(self, call: Call) -> None:
+        with self._cond:
+            call.done = True
+            call.socks = []
+
+    def _run(self) -> None:
+        heap = self._heap
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                while heap and heap[0][0] <= now:
+                    call = heapq.heappop(heap)[2]
+                    if not call.done:
+                        call.expired = True
+                        for sock in call.socks:
+                            _shutdown(sock)
+                self._cond.wait(max(heap[0][0] - now, SLACK) if heap else None)
+
+
+REAPER = Reaper()
+
+
+@contextmanager
+def limit(seconds: float):
+    """Everything this thread sends or reads through a watched connection ends by the deadline;
+    a nested limit cannot outlast the one around it."""
+    outer = getattr(_local, "call", None)
+    deadline = time.monotonic() + seconds
+    if outer is not None and outer.deadline < deadline:
+        deadline = outer.deadline
+    call = Call(deadline)
+    _local.call = call
+    try:
+        yield call
+    finally:
+        _local.call = outer
+        REAPER.end(call)
+
+
+def current() -> Call | None:
+    return getattr(_local, "call", None)
+
+
+class WatchedConnection:
+    """Mixin for a urllib3 HTTPConnection subclass: connect within what is left of the current call's
+    deadline, and put every socket a call uses in the reaper's care."""
+
+    def connect(self):
+        call = current()
+        if call is not None:
+            left = call.remaining()
+            if not isinstance(self.timeout, (int, float)) or self.timeout > left:
+                self.timeout = left
+        super().connect()
+        if call is not None and self.sock is not None:
+            REAPER.watch(call, self.sock)
+
+    def request(self, *args, **kwargs):
+        call = current()
+        if call is not None and self.sock is not None:
+            REAPER.watch(call, self.sock)
+        return super().request(*args, **kwargs)
+
+
+def watched_pool_classes(http_pool: type, https_pool: type) -> dict[str, type]:
+    """pool_classes_by_scheme for a urllib3 PoolManager whose connections are watched."""
+    classes = {}
+    for scheme, pool in (("http", http_pool), ("https", https_pool)):
+        connection = type(f"Watched{pool.ConnectionCls.__name__}", (WatchedConnection, pool.ConnectionCls), {})
+        classes[scheme] = type(f"Watched{pool.__name__}", (pool,), {"ConnectionCls": connection})
+    return classes
