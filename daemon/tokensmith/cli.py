@@ -226,6 +226,8 @@ def format_status_line(status: dict) -> str:
             f"last refresh {when(status.get('last_refresh'))}, next refresh {when(status.get('next_refresh'))}")
     if status.get("sinks_pending"):
         line += f", sinks pending: {', '.join(status['sinks_pending'])}"
+    if status.get("stuck_for"):
+        line += f", STUCK for {status['stuck_for']}s"
     if status.get("last_error"):
         line += f"\n  last error: {status['last_error']}"
     if status.get("alert"):

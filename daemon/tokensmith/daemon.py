@@ -24,6 +24,7 @@ from tokensmith.tokenclient import TokenClient, make_session
 log = logging.getLogger("tokensmith.daemon")
 
 OVERDUE_GRACE = 30.0
+STUCK_GRACE = 30.0
 FIRST_RUNS_HEAD_START = 0.5
 
 
@@ -70,6 +71,8 @@ class Daemon:
         self._jobs_lock = threading.Lock()
         self._first_runs: set[str] = set()  # clients whose first run is in the pool before their job exists
         self._scheduler_ready = False
+        self._stuck_reported: dict[str, float] = {}  # client -> busy_since of the run already logged as stuck
+        self._stuck_lock = threading.Lock()
 
     # ---- construction
 
@@ -207,7 +210,28 @@ class Daemon:
         return outcome
 
     def statuses(self) -> list[dict]:
-        return [keeper.status() for keeper in list(self.keepers.values())]
+        statuses = [keeper.status() for keeper in list(self.keepers.values())]
+        now = self.clock()
+        for status in statuses:
+            busy_since = status.get("busy_since")
+            keeper = self.keepers.get(status["client"])
+            if busy_since is not None and keeper is not None and now - busy_since > self.stuck_after(keeper.client):
+                status["stuck_for"] = int(now - busy_since)
+        return statuses
+
+    def stuck_after(self, client) -> float:
+        """Seconds after which a keeper's run is stuck: the most its calls can take when each ends at its
+        deadline, plus a grace."""
+        seconds = 2 * client.timeout  # a refresh-token exchange, then the fallback grant
+        vault = self.settings.vault.timeout if self.settings.vault else 10.0
+        aws = self.settings.aws.timeout if self.settings.aws else 10.0
+        for store in [client.source] + list(client.sinks):
+            if store.type == "vault":
+                seconds += 8 * vault  # a read and a write, each maybe a login, a denial, a login again
+            elif store.type == "aws":
+                seconds += 2 * aws
+        seconds += sum(getattr(hook, "timeout", 0.0) for hook in client.hooks)
+        return seconds + STUCK_GRACE
 
     def healthy(self) -> bool:
         if self.scheduler is None or not self.scheduler.running:
@@ -216,10 +240,24 @@ class Daemon:
         if thread is not None and not thread.is_alive():
             return False
         now = self.clock()
+        healthy = True
         for keeper in list(self.keepers.values()):
-            if not keeper.lock.locked() and keeper.next_due() < now - OVERDUE_GRACE - keeper.client.timeout:
-                return False
-        return True
+            busy_since = keeper.busy_since
+            if busy_since is not None:
+                if now - busy_since > self.stuck_after(keeper.client):
+                    healthy = False
+                    self._report_stuck(keeper.name, busy_since, now - busy_since)
+            elif not keeper.lock.locked() and keeper.next_due() < now - OVERDUE_GRACE - keeper.client.timeout:
+                healthy = False
+        return healthy
+
+    def _report_stuck(self, name: str, busy_since: float, seconds: float) -> None:
+        with self._stuck_lock:
+            if self._stuck_reported.get(name) == busy_since:
+                return
+            self._stuck_reported[name] = busy_since
+        log.error("keeper stuck: its run started %.0fs ago, past every deadline of its calls", seconds,
+                  extra={"client": name, "event": "keeper_stuck", "seconds": round(seconds)})
 
     def not_ready(self) -> list[str]:
         return [name for name, keeper in list(self.keepers.items()) if not keeper.ready()]

@@ -60,7 +60,7 @@ class Keeper:
     # slots: one keeper per client, thousands per daemon
     __slots__ = ("client", "name", "source", "sinks", "token_client", "store", "clock", "rng", "metrics", "hooks",
                  "lock", "creds", "failures", "sink_failures", "retry_at", "sink_retry_at", "refresh_at", "state",
-                 "state_unsaved", "last_compromise")
+                 "state_unsaved", "last_compromise", "busy_since")
 
     def __init__(self, client, source, sinks, token_client, store: StateStore, *, clock=time.time,
                  rng: random.Random | None = None, metrics=None, hooks=None):
@@ -84,6 +84,7 @@ class Keeper:
         self.state = ClientState()
         self.state_unsaved = False
         self.last_compromise = None
+        self.busy_since: float | None = None  # when the run holding the lock began; the daemon spots a stuck one
 
     # ---- start-up
 
@@ -174,17 +175,24 @@ class Keeper:
     def run_due(self) -> float:
         """Called by the scheduler: do whatever is due, return when to be called next."""
         with self.lock:
-            now = self.clock()
-            if now >= self.next_due() and (self.failures or now >= self.refresh_at or not self.state.access_token):
-                self._refresh(reason="scheduled")
-            elif self.pending_sinks() and now >= self.sink_retry_at:
-                self._write_sinks(self.state.token, Outcome(self.name, True, "sink_retry"))
+            now = self.busy_since = self.clock()
+            try:
+                if now >= self.next_due() and (self.failures or now >= self.refresh_at or not self.state.access_token):
+                    self._refresh(reason="scheduled")
+                elif self.pending_sinks() and now >= self.sink_retry_at:
+                    self._write_sinks(self.state.token, Outcome(self.name, True, "sink_retry"))
+            finally:
+                self.busy_since = None
             return self.next_due()
 
     def refresh(self, *, reason: str = "manual", exchange: bool = False, reload_credentials: bool = False) -> Outcome:
         """A refresh on request (CLI, control socket, compromise). Waits for one already running."""
         with self.lock:
-            return self._refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
+            self.busy_since = self.clock()
+            try:
+                return self._refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
+            finally:
+                self.busy_since = None
 
     def _credentials(self, fresh: bool):
         if self.creds is not None and not fresh:
@@ -394,6 +402,7 @@ class Keeper:
             "last_error": state.last_error,
             "alert": state.alert,
             "sinks_pending": pending,
+            "busy_since": int(self.busy_since) if self.busy_since is not None else None,
         }
 
     def ready(self) -> bool:
