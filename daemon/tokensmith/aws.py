@@ -40,11 +40,14 @@ class DeadlineSender:
     def send(self, request):
         with limit(self.seconds) as call:
             try:
-                return self._http.send(request)
+                reply = self._http.send(request)
             except boto_exc.BotoCoreError as exc:
                 if call.expired:
                     raise boto_exc.ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
                 raise
+            if call.expired:  # the reaper cut what looked like the end of the response (endless trailers)
+                raise boto_exc.ReadTimeoutError(endpoint_url=request.url, error="deadline passed")
+            return reply
 
     def __getattr__(self, name):
         return getattr(self._http, name)

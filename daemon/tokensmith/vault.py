@@ -65,12 +65,15 @@ class DeadlineSession(requests.Session):
     def send(self, request, **kwargs):
         with limit(self.seconds) as call:
             try:
-                return super().send(request, **kwargs)
+                reply = super().send(request, **kwargs)
             except requests.RequestException as exc:
                 if call.expired:
                     raise requests.exceptions.ReadTimeout(f"no complete response within {self.seconds:g}s") \
                         from exc
                 raise
+            if call.expired:  # the reaper cut what looked like the end of the response (endless trailers)
+                raise requests.exceptions.ReadTimeout(f"no complete response within {self.seconds:g}s")
+            return reply
 
 
 def describe(exc: vault_exc.VaultError) -> str:
@@ -142,16 +145,25 @@ class VaultClient:
         try:
             seen = self._login_once(client, error_cls)
             try:
-                return fn(self._hvac) or {}
+                return self._document(fn(self._hvac))
             except DENIED:
                 if not self._can_reauth:
                     raise
             self._relogin(seen, client, error_cls)
-            return fn(self._hvac) or {}
+            return self._document(fn(self._hvac))
         except TokensmithError:
             raise
         except Exception as exc:
             raise self._convert(exc, what, client, error_cls) from exc
+
+    @staticmethod
+    def _document(result) -> dict:
+        """hvac answers a requests.Response for anything but a JSON 200: fine for a 204, unreadable otherwise."""
+        if isinstance(result, dict):
+            return result
+        if result is None or getattr(result, "status_code", None) == 204:
+            return {}
+        raise ValueError("not a JSON object")
 
     @property
     def _can_reauth(self) -> bool:

@@ -4,14 +4,11 @@ typed, retryable timeout at `timeout` seconds, not a worker held for ever."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
-import ssl
 import time
 
 import pytest
 
-from slow_peers import SlowPeer, drip, interim, response, trailers
+from slow_peers import SlowPeer, drip, interim, response, tls_pair, trailers
 from tokensmith.compromise import verify_with_resource
 from tokensmith.config import ClientConfig
 from tokensmith.errors import TokenEndpointError
@@ -124,28 +121,3 @@ def test_verify_url_uses_the_clients_ca_bundle_and_follows_no_redirect(tmp_path)
         assert seen == []  # nothing went over the unverified channel
         assert verify_with_resource(peer.url, "old", "new", timeout=TIMEOUT, ca_bundle=ca) \
             == "failed: new token got HTTP 302"
-
-
-def tls_pair(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "slow-peer")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "peer.crt", tmp_path / "peer.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
-    return cert_path, context
