@@ -57,19 +57,22 @@ class Reaper:
         self._order = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        self._live = 0  # queued calls not yet ended; the rest of the heap is waiting to be dropped
 
     def watch(self, call: Call, sock) -> None:
         with self._cond:
-            if call.done:
-                return
-            if any(known is sock for known in call.socks):
-                return
-            call.socks.append(sock)
             if call.expired:  # past its deadline already: nothing will read this socket in time
                 _shutdown(sock)
                 return
+            if call.done or any(known is sock for known in call.socks):
+                return
+            call.socks.append(sock)
             if not call.queued:
                 call.queued = True
+                self._live += 1
+                if len(self._heap) > 2 * self._live + 1024:  # mostly ended calls: drop them now, not at their deadlines
+                    self._heap[:] = [entry for entry in self._heap if not entry[2].done]
+                    heapq.heapify(self._heap)
                 heapq.heappush(self._heap, (call.deadline, next(self._order), call))
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="deadline-reaper", daemon=True)
@@ -79,6 +82,8 @@ class Reaper:
 
     def end(self, call: Call) -> None:
         with self._cond:
+            if call.queued and not call.done:
+                self._live -= 1
             call.done = True
             call.socks = []
 
@@ -91,6 +96,8 @@ class Reaper:
                     call = heapq.heappop(heap)[2]
                     if not call.done:
                         call.expired = True
+                        call.done = True  # ended as far as the reaper goes: end() must not count it again
+                        self._live -= 1
                         for sock in call.socks:
                             _shutdown(sock)
                 self._cond.wait(max(heap[0][0] - now, SLACK) if heap else None)

@@ -5,6 +5,7 @@ shuts the call's socket down and the call fails as a typed, retryable timeout.""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -159,3 +160,22 @@ def test_a_vault_answer_that_is_no_json_object_is_a_typed_error(tmp_path, answer
         source = build_source(settings.clients[0], ready(settings))
         error, _ = timed(source.read, SourceError)
     assert "unreadable response" in error.message and error.client == "billing-api"
+
+
+def test_the_reaper_wakes_a_blocked_recv_at_the_deadline_and_forgets_ended_calls():
+    from tokensmith import deadline
+
+    left, right = socket.socketpair()
+    with left, right:
+        started = time.monotonic()
+        with deadline.limit(0.3) as call:
+            deadline.REAPER.watch(call, left)
+            assert left.recv(10) == b""  # shut down: no byte ever arrived
+        assert call.expired and 0.25 <= time.monotonic() - started < 0.3 + MARGIN
+    left, right = socket.socketpair()
+    with left, right:
+        for _ in range(5000):
+            with deadline.limit(60) as call:
+                deadline.REAPER.watch(call, right)
+        assert not call.expired and right.send(b"x") == 1  # ended calls leave their sockets alone
+    assert len(deadline.REAPER._heap) < 2 * 1024 + 64
