@@ -19,7 +19,8 @@ from tokensmith.keeper import Keeper
 from tokensmith.sinks import build_sinks
 from tokensmith.sources import build_source
 from tokensmith.state import StateStore
-from tokensmith.tokenclient import TokenClient, make_session
+from tokensmith.tokenclient import TokenClient
+from tokensmith.transport import make_session
 
 log = logging.getLogger("tokensmith.daemon")
 
