@@ -49,14 +49,13 @@ def test_a_dripping_endpoint_is_an_ordinary_failure_and_rotate_answers(tmp_path)
         daemon = Daemon(settings, serve=False)
         daemon.metrics = Metrics(keepers=lambda: daemon.keepers, process=False)
         daemon.build()
-        started = time.monotonic()
         daemon.start()
         try:
             keeper = daemon.keepers["slow-api"]
-            wait_for(lambda: keeper.failures >= 1, timeout=TIMEOUT + MARGIN + 0.5)  # + start() and the first read
+            # the whole dripped answer would take half a minute; the deadline ends the attempt after one second
+            wait_for(lambda: keeper.failures >= 1, timeout=TIMEOUT + 2)
             status = daemon.statuses()[0]
             assert status["failures"] >= 1 and "timed out" in status["last_error"]
-            assert time.monotonic() - started < TIMEOUT + MARGIN + 0.5
             assert daemon.metrics.sample("tokensmith_refresh_failures_total",
                                          {"client": "slow-api", "reason": "timeout"}) >= 1
             rotated_at = time.monotonic()
