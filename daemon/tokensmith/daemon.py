@@ -211,12 +211,12 @@ class Daemon:
         return outcome
 
     def statuses(self) -> list[dict]:
-        statuses = [keeper.status() for keeper in list(self.keepers.values())]
+        keepers = list(self.keepers.values())
+        statuses = [keeper.status() for keeper in keepers]
         now = self.clock()
-        for status in statuses:
-            busy_since = status.get("busy_since")
-            keeper = self.keepers.get(status["client"])
-            if busy_since is not None and keeper is not None and now - busy_since > self.stuck_after(keeper.client):
+        for keeper, status in zip(keepers, statuses):
+            busy_since = status["busy_since"]
+            if busy_since is not None and now - busy_since > self.stuck_after(keeper.client):
                 status["stuck_for"] = int(now - busy_since)
         return statuses
 
