@@ -71,4 +71,3 @@ class StateError(TokensmithError):
 
 class InternalError(TokensmithError):
     retryable = True
-    reason = "internal"

@@ -373,7 +373,7 @@ class Keeper:
                 self.state.last_error_at = self.clock()
                 self.metrics.sink_failure(self.name, sink.type)
                 log.error("%s", error.message, extra={"client": self.name, "event": "sink_failed",
-                                                      "reason": error.reason})
+                                                      "reason": "InternalError"})
                 continue
             outcome.sinks[sink.name] = None
             written[sink.name] = current

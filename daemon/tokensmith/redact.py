@@ -17,6 +17,14 @@ MARK = "[redacted]"
 MIN_CORE = 6  # shorter base64 runs would cut unrelated text
 
 
+def _quote(text: str, safe: str = "/") -> str:
+    return quote(text, safe=safe, errors="surrogatepass")  # a secret that is not UTF-8 is still cut out
+
+
+def _quote_plus(text: str) -> str:
+    return quote_plus(text, errors="surrogatepass")
+
+
 def _lower_hex(text: str) -> str:
     return re.sub(r"%[0-9A-F]{2}", lambda match: match.group().lower(), text)
 
@@ -40,7 +48,7 @@ def forms(secret: str) -> set[str]:
         return set()
     data = secret.encode("utf-8", "surrogatepass")
     found = {secret}
-    for encoded in (quote(secret, safe=""), quote(secret), quote(secret, safe="-_.!~*'()"), quote_plus(secret)):
+    for encoded in (_quote(secret, safe=""), _quote(secret), _quote(secret, safe="-_.!~*'()"), _quote_plus(secret)):
         found.update((encoded, _lower_hex(encoded)))
     for ensure_ascii in (True, False):
         escaped = json.dumps(secret, ensure_ascii=ensure_ascii)[1:-1]
@@ -64,7 +72,7 @@ class Redactor:
                 every |= forms(secret)
         for client_id, secret in pairs:  # HTTP Basic: base64 of the (form-encoded) id:secret pair
             if secret:
-                every |= forms(f"{client_id}:{secret}") | forms(f"{quote_plus(client_id)}:{quote_plus(secret)}")
+                every |= forms(f"{client_id}:{secret}") | forms(f"{_quote_plus(client_id)}:{_quote_plus(secret)}")
         # longest first, so a form that holds a shorter one is cut whole
         ordered = sorted(every, key=len, reverse=True)
         self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
