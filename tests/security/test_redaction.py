@@ -56,11 +56,17 @@ def decoded_runs(text: str):
 
 
 def assert_hidden(text: str, secret: str, where: str) -> None:
+    """Neither the secret nor any 8-character piece of it, in any of the encodings."""
     for name, form in encodings(secret).items():
         assert form not in text, f"{name} form of a secret in {where}: {text!r}"
-    assert secret not in unquote_plus(text) and secret not in unquote(text), f"percent-encoded secret in {where}"
-    for data in decoded_runs(text):
-        assert secret.encode() not in data, f"base64 of a secret in {where}: {text!r}"
+    pieces = {secret[i:i + 8] for i in range(max(len(secret) - 7, 1))}
+    decoded = list(decoded_runs(text))
+    for piece in pieces:
+        for name in ("raw", "json", "json_unicode"):
+            assert encodings(piece)[name] not in text, f"{name} piece {piece!r} of a secret in {where}: {text!r}"
+        assert piece not in unquote_plus(text) and piece not in unquote(text), \
+            f"percent-encoded piece {piece!r} of a secret in {where}: {text!r}"
+        assert not any(piece.encode() in data for data in decoded), f"base64 of a secret in {where}: {text!r}"
 
 
 class EchoServer:
