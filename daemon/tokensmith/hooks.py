@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 
@@ -21,7 +22,7 @@ def _signal(hook) -> None:
         text = hook.pid_file.read_text().strip()
     except OSError as exc:
         raise RuntimeError(f"cannot read pid file {hook.pid_file}: {exc.strerror}") from exc
-    if not text.isdigit() or int(text) <= 1:
+    if not re.fullmatch(r"[0-9]+", text) or int(text) <= 1:  # not str.isdigit(), which takes "²"
         raise RuntimeError(f"pid file {hook.pid_file} does not hold a process id")
     try:
         os.kill(int(text), getattr(signal, "SIG" + hook.signal))

@@ -261,3 +261,19 @@ def test_unexpected_hook_exception_is_a_failed_hook(server, clock, tmp_path):
     outcome = keeper.refresh()
     assert outcome.ok
     assert outcome.hooks == [{"hook": "command:/bin/true\0x", "ok": False, "error": "unexpected ValueError"}]
+
+
+@pytest.mark.security(threat="planted file", claim="A pid file holding non-ASCII digits ('²') is a failed hook with a "
+                      "clear error, not a ValueError from int().")
+def test_pid_file_with_non_ascii_digits_is_a_failed_hook(server, clock, tmp_path):
+    pid_file = tmp_path / "app.pid"
+    pid_file.write_text("²\n")
+    config = ClientConfig(name="typed", token_url=server.token_url, source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/unused"}],
+                          hooks=[{"type": "signal", "pid_file": str(pid_file), "signal": "HUP"}])
+    keeper = make_keeper(config, StaticSource(client_id="app", client_secret=SECRET), [MemorySink()], tmp_path,
+                         clock, hooks=Hooks())
+    outcome = keeper.refresh()
+    assert outcome.ok
+    assert outcome.hooks == [{"hook": f"signal:{pid_file}", "ok": False,
+                              "error": f"pid file {pid_file} does not hold a process id"}]
