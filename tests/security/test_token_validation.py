@@ -134,7 +134,8 @@ def test_env_quoting_holds_for_any_text(tmp_path):
         assert created == []
 
     check()
-    for value in ("~/x", "~+/x", "x'$(touch pwned)'", "x$(touch pwned)", "x`touch pwned`", "x;touch pwned", "'", "''\\'"):
+    for value in ("~/x", "~+/x", "x'$(touch pwned)'", "x$(touch pwned)", "x`touch pwned`", "x;touch pwned", "'",
+                  "''\\'"):
         token = Token(access_token=value, token_type="Bearer", obtained_at=SENT_AT, expires_at=SENT_AT + 600)
         assert sourced(tmp_path, token) == (value.encode(), b"Bearer", [])
 
