@@ -334,7 +334,9 @@ class Keeper:
         self.retry_at = self.clock() + delay
         reason = getattr(exc, "reason", type(exc).__name__)
         redact = self._redactor(outcome)
-        self.state.last_error = redact(str(exc))
+        exc.message = redact(exc.message)  # the error also goes back to a CLI or control-socket caller
+        exc.args = (exc.message,)
+        self.state.last_error = str(exc)
         self.state.last_error_at = self.clock()
         level = logging.ERROR
         if isinstance(exc, TokenEndpointError) and exc.error == "invalid_client":
@@ -343,7 +345,7 @@ class Keeper:
         self.metrics.refresh_result(self.name, False, reason, seconds, None)
         remaining = self.state.expires_at - self.clock() if self.state.access_token else 0
         log.log(level, "refresh failed (attempt %d, retry in %.1fs, current token valid for %.0fs more): %s",
-                self.failures, delay, max(remaining, 0), redact(exc.message),
+                self.failures, delay, max(remaining, 0), exc.message,
                 extra={"client": self.name, "event": "refresh_failed", "reason": reason})
 
     def _write_sinks(self, token: Token | None, outcome: Outcome) -> None:

@@ -168,7 +168,7 @@ def test_error_codes_are_validated_not_redacted():
 
 @pytest.mark.security(threat=THREAT, claim="When a provider echoes the held refresh token, the current access token "
                       "and the client secret in any encoding, none reaches the log, the keeper's status "
-                      "(last_error) or the recorded error.")
+                      "(last_error), the saved state or the error returned to the caller.")
 @pytest.mark.parametrize("auth_style", ["post", "basic"])
 @pytest.mark.parametrize("encoding", sorted(encodings("x")))
 def test_keeper_log_and_status_hold_no_encoded_secret(tmp_path, caplog, auth_style, encoding):
@@ -198,6 +198,7 @@ def test_keeper_log_and_status_hold_no_encoded_secret(tmp_path, caplog, auth_sty
         assert_hidden(caplog.text, secret, "the log")
         assert_hidden(status["last_error"], secret, "status last_error")
         assert_hidden(saved.last_error or "", secret, "the saved state")
+        assert_hidden(str(outcome.error), secret, "the error handed back to a CLI or control-socket caller")
 
 
 def test_redact_finds_a_secret_inside_any_base64_value():
