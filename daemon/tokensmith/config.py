@@ -219,18 +219,24 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
+def _check_port(url: str):
+    """The URL split, once it is known to be UTF-8 text whose port (if any) is 1-65535."""
     if not _utf8(url):
         raise ValueError("must be UTF-8 text (it holds a lone surrogate or undecodable byte)")
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("must be an absolute http(s) URL")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
         raise ValueError("has a port that is not a number from 1 to 65535")
+    return parts
+
+
+def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
+    parts = _check_port(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
     if parts.username or parts.password:
         raise ValueError("must not carry credentials in the URL")
     if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
@@ -332,6 +338,13 @@ class AwsConfig(Model):
     endpoint_url: str | None = None
     timeout: float = Field(10.0, gt=0, le=120)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_port(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_port(url)
+        return url
+
 
 class LogConfig(Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -346,6 +359,13 @@ class LogConfig(Model):
 class HealthConfig(Model):
     enabled: bool = True
     listen: str = Field("127.0.0.1:9464", pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_port(cls, listen: str) -> str:
+        if int(listen.rpartition(":")[2]) > 65535:  # 0 is fine here: any free port
+            raise ValueError("port must be 0-65535")
+        return listen
 
 
 class SchedulerConfig(Model):

@@ -127,6 +127,21 @@ def test_impossible_port_is_a_config_error(tmp_path, field, url):
     assert f"clients[0](typed): {field} has a port that is not a number from 1 to 65535" in str(info.value)
 
 
+@pytest.mark.parametrize("section, message", [
+    ({"health": {"listen": "127.0.0.1:99999"}}, "health.listen: port must be 0-65535"),
+    ({"aws": {"endpoint_url": "http://127.0.0.1:99999"}},
+     "aws.endpoint_url: has a port that is not a number from 1 to 65535"),
+    ({"vault": {"address": "https://vault.example:99999", "auth": {"token": "t"}}},
+     "vault: has a port that is not a number from 1 to 65535")])
+def test_impossible_port_elsewhere_is_a_config_error(tmp_path, section, message):
+    path = write_config(tmp_path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, **section}))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ={})
+    assert message in str(info.value)
+
+
 def test_check_config_refuses_an_impossible_port(tmp_path):
     import subprocess
 
