@@ -77,7 +77,7 @@ def test_token_client_refuses_an_injected_token_from_the_endpoint(oauth):
     oauth.add_client("inj", "inj-secret", dialect="post")
     config = ClientConfig(name="inj", token_url=oauth.token_url, source={"type": "env"},
                           sinks=[{"type": "file", "path": "/unused", "format": "env"}])
-    oauth.fail_next(status=200, body=json.dumps({"access_token": "x$(touch pwned)", "token_type": "Bearer",
+    oauth.fail_next(status=200, body=json.dumps({"access_token": "x$(touch${IFS}pwned)", "token_type": "Bearer",
                                                  "expires_in": 600}))
     with pytest.raises(TokenEndpointError) as info:
         TokenClient(config).obtain("client_credentials", Credentials(client_id="inj", client_secret="inj-secret"))
