@@ -60,7 +60,7 @@ def test_three_dialects_three_stores_fresh_across_a_restart(tmp_path, server, va
         return {
             "inventory": (project.token("inventory"), vault_doc["access_token"]),
             "reports": (json.loads(project.token("reports"))["access_token"], aws_doc["access_token"]),
-            "billing": (project.token("billing").splitlines()[0].split("=", 1)[1],),
+            "billing": (project.token("billing").splitlines()[0].split("=", 1)[1].strip("'"),),
         }
 
     def all_fresh():

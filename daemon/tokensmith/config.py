@@ -21,6 +21,9 @@ from tokensmith.errors import ConfigError
 
 ENV_PREFIX = "TOKENSMITH_"
 CONFIG_ENV = "TOKENSMITH_CONFIG"
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The daemon's own secrets: never handed to a hook, whatever pass_env asks.
+DAEMON_SECRET_ENV = {"VAULT_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"}
 
 
 class Model(BaseModel):
@@ -110,6 +113,13 @@ class FileSinkConfig(Model):
 
     _check_mode = field_validator("mode", mode="before")(_octal_mode)
 
+    @field_validator("env_key")
+    @classmethod
+    def _shell_name(cls, name: str) -> str:
+        if not ENV_NAME.fullmatch(name):
+            raise ValueError("must be a shell variable name (letters, digits and '_', not starting with a digit)")
+        return name
+
     @field_validator("path")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
@@ -156,6 +166,18 @@ class CommandHookConfig(Model):
     type: Literal["command"]
     argv: list[str] = Field(min_length=1)
     timeout: float = Field(10.0, gt=0, le=300)
+    pass_env: list[str] = []  # the daemon's variables the command also gets (see docs/config-schema.md)
+
+    @field_validator("pass_env")
+    @classmethod
+    def _passable(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{ascii(name)} is not an environment variable name")
+            if name in DAEMON_SECRET_ENV or name.startswith(ENV_PREFIX):
+                raise ValueError(f"{name} is the daemon's own (a secret or a config override) and is never passed "
+                                 "to a hook")
+        return names
 
 
 HookConfig = Annotated[Union[SignalHookConfig, CommandHookConfig], Field(discriminator="type")]
@@ -178,6 +200,14 @@ class RefreshPolicy(Model):
         return self
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_loopback_host(host: str | None) -> bool:
     if not host:
         return False
@@ -189,8 +219,22 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
+def _check_port(url: str):
+    """The URL split, once it is known to be UTF-8 text whose port (if any) is 1-65535."""
+    if not _utf8(url):
+        raise ValueError("must be UTF-8 text (it holds a lone surrogate or undecodable byte)")
     parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    return parts
+
+
+def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
+    parts = _check_port(url)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ValueError("must be an absolute http(s) URL")
     if parts.username or parts.password:
@@ -229,6 +273,11 @@ class ClientConfig(Model):
                     check_endpoint_url(url, self.allow_insecure_http)
                 except ValueError as exc:
                     raise ValueError(f"{field} {exc}") from None
+        texts = {"scope": self.scope, "audience": self.audience,
+                 **{f"extra_params.{ascii(key)[1:-1]}": f"{key}{value}" for key, value in self.extra_params.items()}}
+        for field, text in texts.items():
+            if text is not None and not _utf8(text):
+                raise ValueError(f"{field} must be UTF-8 text (it holds a lone surrogate or undecodable byte)")
         reserved = {"grant_type", "client_id", "client_secret", "username", "password", "refresh_token"}
         clash = reserved & set(self.extra_params)
         if clash:
@@ -289,6 +338,13 @@ class AwsConfig(Model):
     endpoint_url: str | None = None
     timeout: float = Field(10.0, gt=0, le=120)
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_port(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_port(url)
+        return url
+
 
 class LogConfig(Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -303,6 +359,13 @@ class LogConfig(Model):
 class HealthConfig(Model):
     enabled: bool = True
     listen: str = Field("127.0.0.1:9464", pattern=r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]*):\d{1,5}$")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_port(cls, listen: str) -> str:
+        if int(listen.rpartition(":")[2]) > 65535:  # 0 is fine here: any free port
+            raise ValueError("port must be 0-65535")
+        return listen
 
 
 class SchedulerConfig(Model):
@@ -352,6 +415,15 @@ class Settings(BaseModel):
                     if sink.path in paths:
                         raise ValueError(f"file sink {sink.path} is written by both {paths[sink.path]} and {client.name}")
                     paths[sink.path] = client.name
+        secret_env = {client.source.prefix + getattr(client.source.keys, key).upper()
+                      for client in self.clients if isinstance(client.source, EnvSourceConfig)
+                      for key in KeyMap.model_fields}
+        for client in self.clients:
+            for hook in client.hooks:
+                passed = secret_env & set(getattr(hook, "pass_env", ()))
+                if passed:
+                    raise ValueError(f"client {client.name}: a hook's pass_env names {', '.join(sorted(passed))}, "
+                                     "which an env credential source reads; credentials are never passed to a hook")
         users = [client.name for client in self.clients if "vault" in backend_types(client)]
         if users and self.vault is None:
             raise ValueError(f"client(s) {', '.join(users)} use Vault but the top-level vault section is missing")

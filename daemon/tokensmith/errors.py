@@ -7,7 +7,9 @@
     │                          (invalid_client, invalid_grant, ...), .status the HTTP status,
     │                          .retry_after seconds when the server said so
     ├── SinkError              a token could not be written to a sink
-    └── StateError             the state directory could not be read or written
+    ├── StateError             the state directory could not be read or written
+    └── InternalError          an exception no backend converted (a bug): the keeper records it as a
+                               failure naming only its type, since its text may hold anything
 
 Each backend maps its library's exceptions into this tree with ``raise ... from exc``;
 the keeper is the only layer that retries, and it asks ``retryable``.
@@ -65,3 +67,7 @@ class SinkError(TokensmithError):
 
 class StateError(TokensmithError):
     pass
+
+
+class InternalError(TokensmithError):
+    retryable = True

@@ -18,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tokensmith.errors import SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
+from tokensmith.errors import InternalError, SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
+from tokensmith.redact import Redactor
 from tokensmith.state import ClientState, StateStore
 from tokensmith.tokens import Token, fingerprint
 
@@ -273,6 +274,9 @@ class Keeper:
         except TokensmithError as exc:
             self._failed(exc, outcome, time.monotonic() - started)
             return outcome
+        except Exception as exc:  # a bug in a backend: still a failure, retried with backoff and reported
+            self._failed(_internal(exc, self.name, "refresh"), outcome, time.monotonic() - started)
+            return outcome
         outcome.ok = True
         self.failures = 0
         self.metrics.refresh_result(self.name, True, "ok", time.monotonic() - started, token)
@@ -320,12 +324,26 @@ class Keeper:
         self.sink_failures = 0
         self.sink_retry_at = 0.0
 
+    def _redactor(self, outcome: Outcome | None = None) -> Redactor:
+        """Every secret and token this keeper holds: error text is cut against all of them before it is kept."""
+        creds = self.creds
+        secrets = [*(creds.secrets() if creds else ()), self.state.access_token, self.state.refresh_token]
+        pairs = [(creds.client_id, creds.client_secret)] if creds and creds.client_secret else []
+        if outcome is not None:
+            for token in (outcome.old_token, outcome.new_token):
+                if token is not None:
+                    secrets += [token.access_token, token.refresh_token]
+        return Redactor(secrets, pairs)
+
     def _failed(self, exc: TokensmithError, outcome: Outcome, seconds: float) -> None:
         outcome.error = exc
         self.failures += 1
         delay = self.backoff(self.failures, exc)
         self.retry_at = self.clock() + delay
         reason = getattr(exc, "reason", type(exc).__name__)
+        redact = self._redactor(outcome)
+        exc.message = redact(exc.message)  # the error also goes back to a CLI or control-socket caller
+        exc.args = (exc.message,)
         self.state.last_error = str(exc)
         self.state.last_error_at = self.clock()
         level = logging.ERROR
@@ -359,10 +377,13 @@ class Keeper:
                 continue
             except Exception as exc:  # a sink bug must not stop the other sinks
                 failed = True
-                outcome.sinks[sink.name] = f"unexpected {type(exc).__name__}"
+                error = _internal(exc, self.name, f"sink {sink.name}")
+                outcome.sinks[sink.name] = error.message
+                self.state.last_error = str(error)
+                self.state.last_error_at = self.clock()
                 self.metrics.sink_failure(self.name, sink.type)
-                log.exception("sink %s raised unexpectedly", sink.name,
-                              extra={"client": self.name, "event": "sink_failed"})
+                log.error("%s", error.message, extra={"client": self.name, "event": "sink_failed",
+                                                      "reason": "InternalError"})
                 continue
             outcome.sinks[sink.name] = None
             written[sink.name] = current
@@ -408,3 +429,15 @@ class Keeper:
     def ready(self) -> bool:
         token = self.state.token
         return bool(token and token.expires_at > self.clock() and not self.pending_sinks())
+
+
+def _internal(exc: Exception, client: str, where: str) -> InternalError:
+    """An exception no backend converted, named by its type and the line that raised it: its text may hold
+    a secret or token, so it is left out."""
+    frame = exc.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    at = f" at {frame.tb_frame.f_code.co_filename.rpartition('/')[2]}:{frame.tb_lineno}" if frame else ""
+    error = InternalError(f"{where}: unexpected {type(exc).__name__}{at}", client=client, retryable=True)
+    error.__cause__ = exc
+    return error

@@ -18,7 +18,8 @@ import time
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote_plus, urlencode, urlsplit
 
-from tokensmith.errors import TokenEndpointError
+from tokensmith.errors import SourceError, TokenEndpointError
+from tokensmith.redact import Redactor
 from tokensmith.sources import Credentials
 from tokensmith.tokens import Token
 from tokensmith.transport import BodyError, HttpPool, Reply, TLSSetupError, make_session
@@ -28,6 +29,9 @@ MAX_LIFETIME = 366 * 24 * 3600.0
 NON_RETRYABLE_OAUTH = {"invalid_client", "invalid_grant", "unsupported_grant_type", "unauthorized_client",
                        "invalid_scope", "invalid_request", "access_denied"}
 TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 §2.1: nothing a shell or a header would act on
+TOKEN_TYPES = {"bearer": "Bearer", "dpop": "DPoP", "n_a": "N_A", "mac": "MAC"}
+ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
 
 def basic_auth_header(client_id: str, client_secret: str) -> str:
@@ -39,7 +43,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if re.fullmatch(r"[0-9]+", value):  # not str.isdigit(), which takes "²"
         return min(float(value), 3600.0)
     try:
         return max(0.0, min(parsedate_to_datetime(value).timestamp() - now, 3600.0))
@@ -69,7 +73,7 @@ def jwt_expiry(access_token: str) -> float | None:
     try:
         claims = jwt.decode(access_token, options={"verify_signature": False, "verify_exp": False,
                                                    "verify_nbf": False, "verify_iat": False, "verify_aud": False})
-    except (jwt.PyJWTError, ValueError, TypeError):
+    except (jwt.PyJWTError, ValueError, TypeError, RecursionError):  # a deeply nested header or payload
         return None
     if not isinstance(claims, dict):
         return None
@@ -90,13 +94,12 @@ def parse_token_response(body: bytes, *, client: str, sent_at: float, default_li
     access_token = data.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise bad("access_token", "is missing")
-    if not TOKEN_CHARS.fullmatch(access_token) or len(access_token) > 16384:
+    if not B64TOKEN.fullmatch(access_token) or len(access_token) > 16384:
         raise bad("access_token", "holds characters a token cannot have")
     token_type = data.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or not token_type.isprintable() or len(token_type) > 64:
-        raise bad("token_type", "is not a short string")
-    if token_type.lower() == "bearer":
-        token_type = "Bearer"
+    if not isinstance(token_type, str) or token_type.lower() not in TOKEN_TYPES:
+        raise bad("token_type", f"is not one of {', '.join(TOKEN_TYPES.values())}")
+    token_type = TOKEN_TYPES[token_type.lower()]
     refresh_token = data.get("refresh_token")
     if refresh_token is not None and (not isinstance(refresh_token, str) or not TOKEN_CHARS.fullmatch(refresh_token)):
         raise bad("refresh_token", "is not a token string")
@@ -121,15 +124,23 @@ def parse_token_response(body: bytes, *, client: str, sent_at: float, default_li
                  expires_at=sent_at + lifetime, refresh_token=refresh_token or None, scope=scope)
 
 
+def _utf8(value) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 LONG_WORD = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
 
 
-def _describe(text: str, secrets: list[str]) -> str:
-    """A server's error text, safe to log: our own secrets and anything token-like are cut out,
-    since a provider may echo what it was sent."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
+def _describe(text: str, redactor: Redactor) -> str:
+    """A server's error text, safe to log: our own secrets (in any encoding) and anything token-like
+    are cut out, since a provider may echo what it was sent."""
+    text = redactor(text)
     text = LONG_WORD.sub("[redacted]", text)
     text = "".join(ch if ch.isprintable() else " " for ch in text)
     return text[:200]
@@ -186,7 +197,30 @@ class TokenClient:
                                      retryable=True, status=response.status_code, error="oversized_response")
         return response, body
 
-    def _error(self, response: Reply, body: bytes, creds: Credentials, what: str) -> TokenEndpointError:
+    def _check_text(self, creds: Credentials, params: dict, what: str) -> None:
+        """Everything sent must be UTF-8 text: a lone surrogate (an undecodable byte in an environment
+        variable, or a \\udcxx escape in a secret's JSON) would otherwise fail deep in the encoder."""
+        fields = ["client_id", "client_secret"]
+        if params.get("grant_type") == "password":
+            fields += ["username", "password"]
+        elif params.get("grant_type") == "refresh_token" and params.get("refresh_token") == creds.refresh_token:
+            fields.append("refresh_token")
+        for field in fields:
+            if not _utf8(getattr(creds, field)):
+                raise SourceError(f"credential {field} is not UTF-8 text (a lone surrogate or undecodable byte)",
+                                  client=self.client.name, retryable=False)
+        for key, value in params.items():
+            if not (_utf8(key) and _utf8(value)):
+                raise TokenEndpointError(f"{what}: {ascii(key)} is not UTF-8 text (a lone surrogate or undecodable "
+                                         "byte)", client=self.client.name, retryable=False, error="invalid_request")
+
+    def _redactor(self, creds: Credentials, sent: tuple) -> Redactor:
+        pairs = [(creds.client_id, creds.client_secret)] if self.client.auth_style == "basic" else []
+        return Redactor([*creds.secrets(), *sent], pairs)
+
+    def _error(self, response: Reply, body: bytes, creds: Credentials, what: str,
+               sent: tuple = ()) -> TokenEndpointError:
+        """sent: the tokens the request carried (a refresh token, a token to revoke), cut out as the secrets are."""
         status = response.status_code
         name = self.client.name
         retry_after = parse_retry_after(response.headers.get("Retry-After"), self.clock())
@@ -197,9 +231,10 @@ class TokenClient:
         try:
             data = json.loads(body)
             if isinstance(data, dict) and isinstance(data.get("error"), str):
-                code = _describe(data["error"], creds.secrets())[:64]
+                # an RFC 6749 §5.2 code is kept verbatim; anything else might be an echo, so it is no code
+                code = data["error"] if ERROR_CODE.fullmatch(data["error"]) else None
                 if isinstance(data.get("error_description"), str):
-                    description = _describe(data["error_description"], creds.secrets())
+                    description = _describe(data["error_description"], self._redactor(creds, sent))
         except (ValueError, UnicodeDecodeError, RecursionError):
             pass
         if code is None and status == 401:
@@ -225,9 +260,10 @@ class TokenClient:
         params.update(self.client.extra_params)
         sent_at = self.clock()
         what = f"{grant} grant"
+        self._check_text(creds, params, what)
         response, body = self._post(self.client.token_url, params, creds, dialect=self.client.auth_style, what=what)
         if response.status_code != 200:
-            raise self._error(response, body, creds, what)
+            raise self._error(response, body, creds, what, sent=(params.get("refresh_token"),))
         return parse_token_response(body, client=self.client.name, sent_at=sent_at,
                                     default_lifetime=self.client.refresh.default_lifetime)
 
@@ -237,20 +273,22 @@ class TokenClient:
             raise TokenEndpointError("no revocation_url configured", client=self.client.name, retryable=False)
         dialect = "basic" if self.client.auth_style == "basic" else "post"
         what = f"revoke {hint}"
-        response, body = self._post(self.client.revocation_url, {"token": token, "token_type_hint": hint}, creds,
-                                    dialect=dialect, what=what)
+        params = {"token": token, "token_type_hint": hint}
+        self._check_text(creds, params, what)
+        response, body = self._post(self.client.revocation_url, params, creds, dialect=dialect, what=what)
         if response.status_code != 200:
-            raise self._error(response, body, creds, what)
+            raise self._error(response, body, creds, what, sent=(token,))
 
     def introspect(self, token: str, creds: Credentials) -> bool:
         """RFC 7662: True when the server says the token is still active."""
         if not self.client.introspection_url:
             raise TokenEndpointError("no introspection_url configured", client=self.client.name, retryable=False)
         dialect = "basic" if self.client.auth_style == "basic" else "post"
+        self._check_text(creds, {"token": token}, "introspection")
         response, body = self._post(self.client.introspection_url, {"token": token}, creds, dialect=dialect,
                                     what="introspection")
         if response.status_code != 200:
-            raise self._error(response, body, creds, "introspection")
+            raise self._error(response, body, creds, "introspection", sent=(token,))
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):

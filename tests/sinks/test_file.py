@@ -67,7 +67,7 @@ def test_json_format_is_the_token_document_without_the_refresh_token(tmp_path):
 def test_env_format_uses_the_env_key(tmp_path):
     path = tmp_path / "api.env"
     ready(path, format="env", env_key="PARTNER_TOKEN").write(token())
-    assert path.read_text().splitlines() == [f"PARTNER_TOKEN={ACCESS}", "PARTNER_TOKEN_TYPE=Bearer",
+    assert path.read_text().splitlines() == [f"PARTNER_TOKEN='{ACCESS}'", "PARTNER_TOKEN_TYPE='Bearer'",
                                              "PARTNER_TOKEN_EXPIRES_AT=1800003600"]
     assert REFRESH not in path.read_text()
 
@@ -75,7 +75,7 @@ def test_env_format_uses_the_env_key(tmp_path):
 def test_env_format_default_key(tmp_path):
     path = tmp_path / "api.env"
     ready(path, format="env").write(token())
-    assert path.read_text().startswith(f"ACCESS_TOKEN={ACCESS}\n")
+    assert path.read_text().startswith(f"ACCESS_TOKEN='{ACCESS}'\n")
 
 
 def test_sink_name_names_the_path(tmp_path):

@@ -13,12 +13,17 @@ from tokensmith.errors import SinkError
 from tokensmith.fsutil import atomic_write, holds
 
 
+def _sh_quote(value: str) -> str:
+    """Single-quoted for POSIX sh and systemd EnvironmentFile=: nothing inside is expanded or run."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
 def render(token, fmt: str, env_key: str) -> bytes:
     if fmt == "json":
         return (json.dumps(token.document()) + "\n").encode()
     if fmt == "env":
-        return (f"{env_key}={token.access_token}\n"
-                f"{env_key}_TYPE={token.token_type}\n"
+        return (f"{env_key}={_sh_quote(token.access_token)}\n"
+                f"{env_key}_TYPE={_sh_quote(token.token_type)}\n"
                 f"{env_key}_EXPIRES_AT={int(token.expires_at)}\n").encode()
     return token.access_token.encode()
 
