@@ -50,10 +50,18 @@ def request(path: str, message: dict, timeout: float = 120.0) -> dict | None:
         except PermissionError as exc:
             raise Unreachable(f"permission denied on control socket {path}: run as the daemon's user or a member "
                               f"of its control_socket_group") from exc
-        sock.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a busy daemon answers and closes without reading: its reply is still there to read
         data = b""
         while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                if not data:
+                    raise
+                break
             if not chunk:
                 break
             data += chunk
@@ -113,6 +121,8 @@ def _send_now(conn: socket.socket, reply: dict) -> None:
     try:
         conn.setblocking(False)
         conn.send(json.dumps(reply).encode() + b"\n")
+        while conn.recv(65536):  # what the peer sent so far: unread, it would turn the close into a reset
+            pass
     except OSError:
         pass
     finally:
