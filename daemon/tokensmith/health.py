@@ -158,6 +158,8 @@ class HealthServer:
         self._stopping = threading.Event()
         self._wake: tuple[socket.socket, socket.socket] | None = None
         self._conns: dict[socket.socket, _Conn] = {}  # oldest first
+        self._paused_until = 0.0
+        self._failures = 0
 
     def start(self) -> None:
         host, port = parse_listen(self.listen)
@@ -220,44 +222,53 @@ class HealthServer:
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ, "listen")
         selector.register(wake, selectors.EVENT_READ, "wake")
-        paused_until = 0.0  # accept() failed (EMFILE...): leave the listener alone for a moment
-        failures = 0
+        self._paused_until = 0.0  # accept() failed (EMFILE...): leave the listener alone for a moment
+        self._failures = 0
+        broken = False
         try:
             while not self._stopping.is_set():
-                now = time.monotonic()
-                if paused_until and now >= paused_until:
-                    selector.register(listener, selectors.EVENT_READ, "listen")
-                    paused_until = 0.0
-                timeout = min([conn.deadline for conn in self._conns.values()] + [now + 1.0]) - now
                 try:
-                    events = selector.select(max(timeout, 0.0))
-                except InterruptedError:
-                    continue
-                for key, _ in events:
-                    if key.data == "listen":
-                        try:
-                            self._accept(listener, selector)
-                            if failures:
-                                log.info("health endpoint accepts connections again", extra={"event": "health_recovered"})
-                            failures = 0
-                        except OSError as exc:
-                            if not failures:
-                                log.warning("health endpoint: accept failed: %s; backing off", exc.strerror or exc,
-                                            extra={"event": "health_accept_failed"})
-                            failures += 1
-                            selector.unregister(listener)
-                            paused_until = time.monotonic() + min(1.0, 0.05 * 2 ** min(failures, 5))
-                    elif key.data == "wake":
-                        continue
-                    else:
-                        self._service(key.data, selector)
-                now = time.monotonic()
-                for conn in [conn for conn in self._conns.values() if conn.deadline <= now]:
-                    self._close(conn, selector)
+                    self._turn(listener, selector)
+                    broken = False
+                except Exception:  # a bug here must not end the endpoint
+                    if not broken:
+                        log.exception("health endpoint loop failed; continuing")
+                    broken = True
+                    self._stopping.wait(0.1)
         finally:
             for conn in list(self._conns.values()):
                 self._close(conn, selector)
             selector.close()
+
+    def _turn(self, listener: socket.socket, selector) -> None:
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            selector.register(listener, selectors.EVENT_READ, "listen")
+            self._paused_until = 0.0
+        timeout = min([conn.deadline for conn in self._conns.values()] + [now + 1.0]) - now
+        try:
+            events = selector.select(max(timeout, 0.0))
+        except InterruptedError:
+            return
+        for key, _ in events:
+            if key.data == "listen":
+                try:
+                    self._accept(listener, selector)
+                    if self._failures:
+                        log.info("health endpoint accepts connections again", extra={"event": "health_recovered"})
+                    self._failures = 0
+                except OSError as exc:
+                    if not self._failures:
+                        log.warning("health endpoint: accept failed: %s; backing off", exc.strerror or exc,
+                                    extra={"event": "health_accept_failed"})
+                    self._failures += 1
+                    selector.unregister(listener)
+                    self._paused_until = time.monotonic() + min(1.0, 0.05 * 2 ** min(self._failures, 5))
+            elif key.data != "wake":
+                self._service(key.data, selector)
+        now = time.monotonic()
+        for conn in [conn for conn in self._conns.values() if conn.deadline <= now]:
+            self._close(conn, selector)
 
     def _accept(self, listener: socket.socket, selector) -> None:
         for _ in range(MAX_CONNECTIONS):

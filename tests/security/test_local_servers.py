@@ -171,6 +171,42 @@ def test_control_accept_loop_survives_emfile(fake, tmp_path):
     assert not thread.is_alive(), "closing the socket ends the loop"
 
 
+@pytest.mark.security(threat=LOCAL, claim="accept() failing with EMFILE on the health port makes its loop back "
+                                          "off and continue; /healthz answers once descriptors are free again.")
+def test_health_loop_survives_emfile(fake):
+    class Flaky:
+        def __init__(self, sock):
+            self.sock, self.failures = sock, 0
+
+        def fileno(self):
+            return self.sock.fileno()
+
+        def accept(self):
+            if self.failures < 3:
+                self.failures += 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.sock.accept()
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    wake = socket.socketpair()
+    server = HealthServer("127.0.0.1:0", fake)  # not started: its loop runs over the flaky listener only
+    flaky = Flaky(listener)
+    thread = threading.Thread(target=server._loop, args=(flaky, wake[0]), daemon=True)
+    thread.start()
+    try:
+        response = requests.get(f"http://127.0.0.1:{listener.getsockname()[1]}/healthz", timeout=5)
+        assert (response.status_code, response.text) == (200, "ok\n")
+        assert flaky.failures == 3 and thread.is_alive()
+    finally:
+        server._stopping.set()
+        wake[1].send(b"x")
+        thread.join(3)
+        listener.close()
+        for end in wake:
+            end.close()
+
+
 @pytest.mark.security(threat=CONSUMER, claim="A control peer that trickles its request gets a timeout reply once "
                                              "the whole-request deadline passes, however often it sends a byte.")
 def test_control_request_has_an_overall_deadline(control_server, fake, monkeypatch):
