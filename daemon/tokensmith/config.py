@@ -349,7 +349,7 @@ class Settings(BaseModel):
         for entry in value:
             if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 0:
                 uids.append(entry)
-            elif isinstance(entry, str) and entry.isdigit():
+            elif isinstance(entry, str) and entry.isascii() and entry.isdigit():
                 uids.append(int(entry))
             elif isinstance(entry, str) and entry:
                 import pwd

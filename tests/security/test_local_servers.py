@@ -207,6 +207,35 @@ def test_health_loop_survives_emfile(fake):
             end.close()
 
 
+@pytest.mark.security(threat=CONSUMER, claim="Idle control connections are served by at most MAX_CONNECTIONS "
+                                             "threads; the rest get a busy reply at once, and the slots come back "
+                                             "when the request deadline passes.")
+def test_control_connections_are_bounded(control_server, fake, monkeypatch):
+    monkeypatch.setattr(control, "REQUEST_DEADLINE", 0.5, raising=False)
+    slots = getattr(control, "MAX_CONNECTIONS", 8)
+    before = threading.active_count()
+    held = []
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(fake.settings.control_socket))
+            held.append(sock)
+        time.sleep(0.1)
+        assert threading.active_count() <= before + slots
+        busy = 0
+        for sock in held:
+            sock.settimeout(0.2)
+            try:
+                busy += json.loads(sock.recv(4096) or b"{}").get("code") == "busy"
+            except socket.timeout:
+                pass
+        assert busy >= 40 - slots
+        assert wait_for(lambda: ask(fake.settings.control_socket, {"op": "status"}, timeout=2).get("ok"), timeout=3)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 @pytest.mark.security(threat=CONSUMER, claim="A control peer that trickles its request gets a timeout reply once "
                                              "the whole-request deadline passes, however often it sends a byte.")
 def test_control_request_has_an_overall_deadline(control_server, fake, monkeypatch):
