@@ -4,7 +4,7 @@ and import nothing heavy on that path (no pydantic, APScheduler, boto3 or hvac).
 Exit codes: 0 ok; 1 a refresh failed; 2 check-config found problems (or bad usage);
 3 compromise: new token written but the old one could not be invalidated; 4 compromise:
 verification failed (old token still active); 5 a sink write failed; 6 the daemon did not
-answer on its socket; 73 the state directory is unusable; 77 the daemon refused the request:
+answer on its socket (or was busy); 73 the state directory is unusable; 77 the daemon refused the request:
 the caller may not rotate (EX_NOPERM); 78 the config is invalid (EX_CONFIG).
 """
 
@@ -78,10 +78,16 @@ def socket_path(args) -> str:
 def via_daemon(args, message: dict):
 
     try:
-        return request(socket_path(args), message)
+        reply = request(socket_path(args), message)
     except Unreachable as exc:
         print(f"tokensmith: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_UNREACHABLE) from None
+    code = {"forbidden": EXIT_FORBIDDEN, "busy": EXIT_UNREACHABLE, "timeout": EXIT_UNREACHABLE,
+            "bad_request": EXIT_USAGE}.get(reply.get("code") if reply and not reply.get("ok") else None)
+    if code is not None:
+        print(f"tokensmith: {reply.get('error')}", file=sys.stderr)
+        raise SystemExit(code)
+    return reply
 
 
 # ---- the full path
@@ -153,9 +159,6 @@ def cmd_once(args) -> int:
         for status in reply["clients"]:
             if args.force or not status.get("valid") or status.get("sinks_pending"):
                 result = via_daemon(args, Request("rotate", client=status["client"]).message())
-                if result and result.get("code") == "forbidden":
-                    print(f"tokensmith: {result.get('error')}", file=sys.stderr)
-                    return EXIT_FORBIDDEN
                 if not result or not result.get("ok") or result["results"][0]["exit_code"]:
                     failed.append(status["client"])
         for status in via_daemon(args, {"op": "status"})["clients"]:
@@ -198,7 +201,7 @@ def cmd_rotate(args) -> int:
         via = "locally (no daemon running)"
     elif not reply.get("ok"):
         print(f"tokensmith: {reply.get('error')}", file=sys.stderr)
-        return EXIT_FORBIDDEN if reply.get("code") == "forbidden" else EXIT_CONFIG
+        return EXIT_CONFIG
     else:
         results = reply["results"]
         via = "by the running daemon"

@@ -24,7 +24,7 @@ from tokensmith.control_protocol import MAX_REQUEST, Request, RequestError, pars
 
 log = logging.getLogger("tokensmith.control")
 
-MAX_CONNECTIONS = 8  # connections served at once; more get a "busy" reply at once, never a thread
+MAX_CONNECTIONS = 16  # connections served at once; more get a "busy" reply at once, never a thread
 REQUEST_DEADLINE = 5.0  # the whole request line must arrive within this
 REPLY_TIMEOUT = 10.0
 

@@ -212,11 +212,11 @@ def test_health_loop_survives_emfile(fake):
                                              "when the request deadline passes.")
 def test_control_connections_are_bounded(control_server, fake, monkeypatch):
     monkeypatch.setattr(control, "REQUEST_DEADLINE", 0.5, raising=False)
-    slots = getattr(control, "MAX_CONNECTIONS", 8)
+    slots = getattr(control, "MAX_CONNECTIONS", 16)
     before = threading.active_count()
     held = []
     try:
-        for _ in range(40):
+        for _ in range(60):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(fake.settings.control_socket))
             held.append(sock)
@@ -229,7 +229,7 @@ def test_control_connections_are_bounded(control_server, fake, monkeypatch):
                 busy += json.loads(sock.recv(4096) or b"{}").get("code") == "busy"
             except socket.timeout:
                 pass
-        assert busy >= 40 - slots
+        assert busy >= 60 - slots
         assert wait_for(lambda: ask(fake.settings.control_socket, {"op": "status"}, timeout=2).get("ok"), timeout=3)
     finally:
         for sock in held:
