@@ -95,7 +95,7 @@ def test_held_health_connections_cost_no_threads_and_block_nothing(tmp_path, ser
     try:
         running.wait_ready()
         port = running.health_port()
-        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200)  # scheduler up
         baseline = threads_of(running.process.pid)
         for index in range(400):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -108,7 +108,7 @@ def test_held_health_connections_cost_no_threads_and_block_nothing(tmp_path, ser
         assert ask(project.root / "run" / "control.sock", {"op": "status"})["ok"]
         response = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert (response.status_code, response.text) == (200, "ok\n")
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 4  # not stuck behind the held connections' 5 s deadline
         assert threads_of(running.process.pid) <= baseline + 2
     finally:
         for sock in held:
@@ -246,14 +246,14 @@ def test_control_request_has_an_overall_deadline(control_server, fake, monkeypat
     reply = b""
     try:
         sock.sendall(b'{"op": "status"')
-        while time.monotonic() - started < 3:
+        while time.monotonic() - started < 4:
             if select.select([sock], [], [], 0.1)[0]:
                 reply = sock.recv(4096)
                 break
             sock.sendall(b" ")
     finally:
         sock.close()
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 2.5
     assert json.loads(reply)["code"] == "timeout"
 
 
@@ -266,7 +266,7 @@ def test_health_request_has_an_overall_deadline(health_server, monkeypatch):
     closed = False
     try:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
-        while time.monotonic() - started < 3 and not closed:
+        while time.monotonic() - started < 4 and not closed:
             if select.select([sock], [], [], 0.1)[0]:
                 closed = True
                 break
@@ -276,7 +276,7 @@ def test_health_request_has_an_overall_deadline(health_server, monkeypatch):
                 closed = True
     finally:
         sock.close()
-    assert closed and time.monotonic() - started < 1.5
+    assert closed and time.monotonic() - started < 2.5
     assert requests.get(f"http://127.0.0.1:{health_server.address[1]}/healthz", timeout=5).status_code == 200
 
 
