@@ -95,7 +95,7 @@ class RequestTimeout(Exception):
     pass
 
 
-def read_request(conn: socket.socket, deadline: float) -> bytes:
+def read_request(conn: socket.socket, deadline: float) -> bytes | None:
     """The first line a peer sends, which must arrive by `deadline` (monotonic) as a whole: a peer
     that trickles bytes cannot hold a connection slot for longer than REQUEST_DEADLINE."""
     data = b""
@@ -113,7 +113,7 @@ def read_request(conn: socket.socket, deadline: float) -> bytes:
         data += chunk
         if len(data) > MAX_REQUEST + 1:
             raise RequestError(f"request longer than {MAX_REQUEST} bytes")
-    return data.split(b"\n", 1)[0]
+    return data.split(b"\n", 1)[0] if data else None
 
 
 def _send_now(conn: socket.socket, reply: dict) -> None:
@@ -237,7 +237,7 @@ class ControlServer:
         peer = peer_credentials(conn)
         try:
             data = read_request(conn, time.monotonic() + REQUEST_DEADLINE)
-            if not data.strip():
+            if data is None:  # connected and left without a word
                 return None
             message = parse_request(data)
         except RequestTimeout:

@@ -288,7 +288,7 @@ def test_malformed_requests_get_a_reply_and_the_socket_lives_on(project):
     running = started(project)
     try:
         path = sock_path(project)
-        for data in (b"[" * 200000 + b"\n", b'{"op": "status"\n', b"\xff\xfe\n", b'{"op": "reboot"}\n'):
+        for data in (b"[" * 200000 + b"\n", b'{"op": "status"\n', b"\xff\xfe\n", b'{"op": "reboot"}\n', b"\n"):
             reply = as_nobody(raw_request, path, data)
             assert reply.endswith(b"\n") and reply.count(b"\n") == 1, reply
             parsed = json.loads(reply)
