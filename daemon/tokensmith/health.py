@@ -196,10 +196,6 @@ class HealthServer:
         host, port = self._sock.getsockname()[:2]
         return host, port
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     def stop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
