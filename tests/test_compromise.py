@@ -110,10 +110,10 @@ def test_failed_verification_is_reported_with_its_own_exit_code(project, server)
 
 
 def test_verify_url_checks_a_protected_resource(project, server):
-    project.add_client("inv", grant="password", users={"alice": "pw-alice"})
+    project.add_client("inv", grant="password", users={"alice": "pw-alice"}, verify_url=server.resource_url)
     project.write()
     assert project.cli("once").returncode == 0
-    result = project.cli("rotate", "inv", "--compromised", "--verify-url", server.resource_url, "--json")
+    result = project.cli("rotate", "inv", "--compromised", "--verify", "--json")
     assert result.returncode == 0, result.stdout
     assert json.loads(result.stdout)["results"][0]["verify_url"] == "verified"
 

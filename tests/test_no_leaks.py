@@ -24,9 +24,10 @@ def server():
 def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
     project = Project(tmp_path, server, audit_log=str(tmp_path / "audit.log"), log={"level": "DEBUG"})
     project.add_client("form", grant="password", secret=CLIENT_SECRET, users={"alice": PASSWORD},
-                       introspection_url=server.introspection_url, revocation_url=server.revocation_url)
-    project.add_client("basic", dialect="basic", secret=CLIENT_SECRET + "-b")
-    project.add_client("json", dialect="json", secret=CLIENT_SECRET + "-j", fmt="json")
+                       introspection_url=server.introspection_url, revocation_url=server.revocation_url,
+                       verify_url=server.resource_url)
+    project.add_client("basic", dialect="basic", secret=CLIENT_SECRET + "-b", verify_url=server.resource_url)
+    project.add_client("json", dialect="json", secret=CLIENT_SECRET + "-j", fmt="json", verify_url=server.resource_url)
     outputs = []
 
     def cli(*args):
@@ -53,7 +54,7 @@ def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
         cli("status")
         cli("status", "--json")
         cli("rotate", "form")
-        cli("rotate", "--all", "--compromised", "--accept-unrevoked", "--verify-url", server.resource_url)
+        cli("rotate", "--all", "--compromised", "--accept-unrevoked", "--verify")
         cli("rotate", "form", "--compromised", "--reload-credentials", "--json")
         # a rejected client secret, an operator-visible alert
         server.set_client_secret("basic", BAD_SECRET)

@@ -4,7 +4,8 @@ and import nothing heavy on that path (no pydantic, APScheduler, boto3 or hvac).
 Exit codes: 0 ok; 1 a refresh failed; 2 check-config found problems (or bad usage);
 3 compromise: new token written but the old one could not be invalidated; 4 compromise:
 verification failed (old token still active); 5 a sink write failed; 6 the daemon did not
-answer on its socket; 73 the state directory is unusable; 78 the config is invalid (EX_CONFIG).
+answer on its socket (or was busy); 73 the state directory is unusable; 77 the daemon refused the request:
+the caller may not rotate (EX_NOPERM); 78 the config is invalid (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import time
 
 from tokensmith import __version__
 from tokensmith.control import Unreachable, default_runtime_dir, request
+from tokensmith.control_protocol import Request
 
 EXIT_OK, EXIT_FAILED, EXIT_CHECK_CONFIG, EXIT_UNREACHABLE, EXIT_STATE, EXIT_CONFIG = 0, 1, 2, 6, 73, 78
+EXIT_USAGE, EXIT_FORBIDDEN = 2, 77
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,7 +43,9 @@ def parser() -> argparse.ArgumentParser:
                         help="exit 0 even when the provider offers no way to invalidate the old token")
     rotate.add_argument("--reload-credentials", action="store_true",
                         help="re-read the client secret from its source first (after a secret reset)")
-    rotate.add_argument("--verify-url", help="a protected resource that must answer 401 to the old token")
+    rotate.add_argument("--verify", action="store_true",
+                        help="with --compromised: require the client's configured verify_url check")
+    rotate.add_argument("--verify-url", help=argparse.SUPPRESS)  # removed: refused with a pointer to verify_url
     rotate.add_argument("--json", action="store_true")
     status = sub.add_parser("status", parents=[common], help="show every client's token")
     status.add_argument("--json", action="store_true")
@@ -73,10 +78,16 @@ def socket_path(args) -> str:
 def via_daemon(args, message: dict):
 
     try:
-        return request(socket_path(args), message)
+        reply = request(socket_path(args), message)
     except Unreachable as exc:
         print(f"tokensmith: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_UNREACHABLE) from None
+    code = {"forbidden": EXIT_FORBIDDEN, "busy": EXIT_UNREACHABLE, "timeout": EXIT_UNREACHABLE,
+            "bad_request": EXIT_USAGE}.get(reply.get("code") if reply and not reply.get("ok") else None)
+    if code is not None:
+        print(f"tokensmith: {reply.get('error')}", file=sys.stderr)
+        raise SystemExit(code)
+    return reply
 
 
 # ---- the full path
@@ -147,7 +158,7 @@ def cmd_once(args) -> int:
         failed = []
         for status in reply["clients"]:
             if args.force or not status.get("valid") or status.get("sinks_pending"):
-                result = via_daemon(args, {"op": "rotate", "client": status["client"]})
+                result = via_daemon(args, Request("rotate", client=status["client"]).message())
                 if not result or not result.get("ok") or result["results"][0]["exit_code"]:
                     failed.append(status["client"])
         for status in via_daemon(args, {"op": "status"})["clients"]:
@@ -166,17 +177,27 @@ def cmd_once(args) -> int:
 
 
 def cmd_rotate(args) -> int:
-    message = {"op": "rotate", "client": args.client, "all": args.all, "compromised": args.compromised,
-               "accept_unrevoked": args.accept_unrevoked, "reload_credentials": args.reload_credentials,
-               "verify_url": args.verify_url}
+    if args.verify_url is not None:
+        print("tokensmith: --verify-url was removed: tokens go only where the config says; set verify_url in "
+              "the client's config and use --verify", file=sys.stderr)
+        return EXIT_USAGE
+    if args.verify and not args.compromised:
+        print("tokensmith: --verify needs --compromised", file=sys.stderr)
+        return EXIT_USAGE
+    message = Request("rotate", client=args.client, all=args.all, compromised=args.compromised,
+                      accept_unrevoked=args.accept_unrevoked, reload_credentials=args.reload_credentials,
+                      verify=args.verify).message()
     reply = via_daemon(args, message)
     if reply is None:
         daemon = local_daemon(args, only=None if args.all else [args.client])
-        from tokensmith.commands import rotate_clients
+        from tokensmith.commands import missing_verify_url, rotate_clients
 
+        missing = missing_verify_url(daemon, list(daemon.keepers)) if args.verify else ""
+        if missing:
+            print(f"tokensmith: {missing}", file=sys.stderr)
+            return EXIT_CONFIG
         results = rotate_clients(daemon, list(daemon.keepers), compromised=args.compromised,
-                                 accept_unrevoked=args.accept_unrevoked, reload_credentials=args.reload_credentials,
-                                 verify_url=args.verify_url)
+                                 accept_unrevoked=args.accept_unrevoked, reload_credentials=args.reload_credentials)
         via = "locally (no daemon running)"
     elif not reply.get("ok"):
         print(f"tokensmith: {reply.get('error')}", file=sys.stderr)

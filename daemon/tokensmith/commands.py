@@ -22,8 +22,17 @@ def rotate_plain(daemon, name: str) -> dict:
     return result
 
 
+def missing_verify_url(daemon, names) -> str:
+    """`rotate --compromised --verify` needs a verify_url in each client's config: a one-line error, or ""."""
+    missing = [name for name in names if not daemon.keepers[name].client.verify_url]
+    if not missing:
+        return ""
+    return (f"--verify: client(s) {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} have no verify_url "
+            "in the config; add one (a protected resource of that provider) or leave out --verify")
+
+
 def rotate_clients(daemon, names, *, compromised=False, accept_unrevoked=False, reload_credentials=False,
-                   verify_url=None, uid=None) -> list[dict]:
+                   uid=None) -> list[dict]:
     results = []
     for name in names:
         if not compromised:
@@ -34,7 +43,7 @@ def rotate_clients(daemon, names, *, compromised=False, accept_unrevoked=False, 
         keeper = daemon.keepers[name]
         result = rotate_compromised(
             keeper, accept_unrevoked=accept_unrevoked, reload_credentials=reload_credentials,
-            verify_url=verify_url, operator=operator_identity(uid), audit_path=daemon.settings.audit_log_path,
+            operator=operator_identity(uid), audit_path=daemon.settings.audit_log_path,
             metrics=daemon.metrics,
             on_refreshed=(lambda name=name, keeper=keeper: daemon._reschedule(name, keeper.next_due()))
             if daemon.scheduler else None)

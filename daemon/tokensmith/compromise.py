@@ -87,15 +87,16 @@ def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: f
 
 
 def rotate_compromised(keeper, *, accept_unrevoked: bool = False, reload_credentials: bool = False,
-                       verify_url: str | None = None, operator: dict | None = None, audit_path=None,
-                       metrics=None, on_refreshed=None) -> dict:
+                       operator: dict | None = None, audit_path=None, metrics=None, on_refreshed=None) -> dict:
     target = fingerprint(keeper.state.access_token) if keeper.state.access_token else None
     requested_at = time.time()
     with _compromise_lock(keeper.name):
         last = keeper.last_compromise
         if last and target and last["old_token"] == target and last["finished_at"] >= requested_at:
             return dict(last, coalesced=True)
-        result = _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, on_refreshed)
+        # only the config names the resource that is shown both tokens; never a request or a flag
+        result = _rotate(keeper, accept_unrevoked, reload_credentials, keeper.client.verify_url, operator,
+                         on_refreshed)
         result["finished_at"] = time.time()
         keeper.last_compromise = result
     if audit_path is not None:
@@ -205,6 +206,10 @@ def append_audit(path, result: dict) -> None:
                                            "reload_credentials", "steps", "invalidation", "verification",
                                            "sinks", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
+    write_audit_line(path, record)
+
+
+def write_audit_line(path, record: dict) -> None:
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

@@ -257,6 +257,7 @@ class ClientConfig(Model):
     timeout: float = Field(10.0, gt=0, le=120)
     revocation_url: str | None = None
     introspection_url: str | None = None
+    verify_url: str | None = None
     source: SourceConfig
     refresh: RefreshPolicy = RefreshPolicy()
     sinks: list[SinkConfig] = Field(min_length=1)
@@ -266,7 +267,7 @@ class ClientConfig(Model):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "ClientConfig":
-        for field in ("token_url", "revocation_url", "introspection_url"):
+        for field in ("token_url", "revocation_url", "introspection_url", "verify_url"):
             url = getattr(self, field)
             if url is not None:
                 try:
@@ -394,12 +395,35 @@ class Settings(BaseModel):
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
     audit_log: Path | None = None
     control_socket_group: str | None = None
+    control_operators: list[int] = []  # user names or uids in the file; uids once loaded
     log: LogConfig = LogConfig()
     health: HealthConfig = HealthConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)
+
+    @field_validator("control_operators", mode="before")
+    @classmethod
+    def _operator_uids(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)):
+            return value
+        uids = []
+        for entry in value:
+            if isinstance(entry, int) and not isinstance(entry, bool) and entry >= 0:
+                uids.append(entry)
+            elif isinstance(entry, str) and entry.isascii() and entry.isdigit():
+                uids.append(int(entry))
+            elif isinstance(entry, str) and entry:
+                import pwd
+
+                try:
+                    uids.append(pwd.getpwnam(entry).pw_uid)
+                except (KeyError, ValueError):
+                    raise ValueError(f"unknown user {entry!r}: name an existing user or give a uid") from None
+            else:
+                raise ValueError("each entry must be a user name or a uid")
+        return uids
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Settings":

@@ -240,6 +240,8 @@ class Daemon:
         thread = getattr(self.scheduler, "_thread", None)
         if thread is not None and not thread.is_alive():
             return False
+        if self.control is not None and not self.control.alive:  # nobody could reach the daemon
+            return False
         now = self.clock()
         healthy = True
         for keeper in list(self.keepers.values()):
