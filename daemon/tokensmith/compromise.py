@@ -19,6 +19,7 @@ import threading
 import time
 
 from tokensmith.errors import TokenEndpointError, TokensmithError
+from tokensmith.fsutil import make_dirs
 from tokensmith.tokens import fingerprint
 
 log = logging.getLogger("tokensmith.compromise")
@@ -189,9 +190,11 @@ def append_audit(path, result: dict) -> None:
                                            "sinks", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_dirs(path.parent, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        if os.fstat(fd).st_mode & 0o077:  # an existing log made wider by hand or by someone else
+            os.fchmod(fd, 0o600)
         os.write(fd, line)
         os.fsync(fd)
     finally:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 
@@ -75,8 +76,7 @@ class ControlServer:
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
-        directory = self.path.parent
-        directory.mkdir(mode=0o750 if self.group else 0o700, parents=True, exist_ok=True)
+        self._prepare_directory()
         if self.path.exists() or self.path.is_symlink():
             if request(str(self.path), {"op": "ping"}, timeout=2) is not None:
                 raise RuntimeError(f"another daemon answers on {self.path}")
@@ -96,6 +96,32 @@ class ControlServer:
         self.sock = sock
         self.thread = threading.Thread(target=self._serve, name="control", daemon=True)
         self.thread.start()
+
+    def _prepare_directory(self) -> None:
+        """The runtime directory: created 0700 (0750 with a socket group; missing parents 0755),
+        whatever the umask. An existing one is refused when another user owns it or it is shared
+        (sticky, like /tmp): others could swap the socket. Ours loses group and other write; read
+        and search bits stay, since under systemd (0750) the group reaches token files there."""
+        from tokensmith.fsutil import make_dirs
+
+        directory = self.path.parent
+        if make_dirs(directory, 0o750 if self.group else 0o700):
+            return
+        st = os.stat(directory)
+        uid = os.geteuid()
+        if st.st_uid not in (uid, 0):
+            raise RuntimeError(f"runtime directory {directory} is owned by uid {st.st_uid}, not by this user "
+                               f"(uid {uid}); refusing to put the control socket there")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_ISVTX:
+            raise RuntimeError(f"runtime directory {directory} is a shared directory (sticky bit); "
+                               f"give the daemon a directory of its own")
+        if mode & 0o022:
+            if st.st_uid != uid:  # root's, e.g. a Kubernetes emptyDir: only its owner may chmod it
+                log.warning("runtime directory %s is mode %04o and not ours to tighten", directory, mode,
+                            extra={"event": "runtime_dir_wide"})
+                return
+            os.chmod(directory, mode & ~0o022)
 
     def stop(self) -> None:
         if self.sock is not None:

@@ -203,11 +203,12 @@ def test_check_fails_for_an_unwritable_directory(tmp_path):
     assert f"file:{path}" in str(info.value) and info.value.retryable is False
 
 
-def test_check_fails_when_the_path_is_a_directory(tmp_path):
+def test_check_fails_retryably_when_the_path_is_a_directory(tmp_path):
+    """Retryable: a directory planted at one sink path must not stop the daemon (docs/security.md)."""
     (tmp_path / "api.token").mkdir()
     with pytest.raises(SinkError) as info:
         sink(tmp_path / "api.token").check()
-    assert "directory" in str(info.value) and info.value.retryable is False
+    assert "directory" in str(info.value) and info.value.retryable is True
 
 
 def test_check_leaves_temp_files_alone(tmp_path):
