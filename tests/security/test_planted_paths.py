@@ -21,6 +21,7 @@ from tokensmith.state import ClientState, StateStore
 
 NOBODY = 65534
 PLANTED = "planted-Access-Token-c0ffee"
+LOCAL, PLANTED_FILE = "local user", "planted file"
 
 
 
@@ -52,9 +53,9 @@ def one_line_error(output: str, needle: str) -> str:
 # ---- finding 8: a directory at a sink path
 
 
-@pytest.mark.security(threat="planted file",
-         claim="a directory planted at one sink path fails only that sink, retried: the daemon starts, the other "
-               "clients get tokens, status shows the sink pending, and the token lands once it is removed")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A directory planted at one sink path fails only that sink, "
+                                                 "retried: the daemon starts, the other clients get tokens, status "
+                                                 "shows the sink pending, and the token lands once it is removed.")
 def test_a_directory_at_a_sink_path_fails_only_that_sink_until_removed(project, server):
     project.add_client("blocked")
     project.add_client("other")
@@ -76,9 +77,8 @@ def test_a_directory_at_a_sink_path_fails_only_that_sink_until_removed(project, 
         assert daemon.stop() == 0
 
 
-@pytest.mark.security(threat="planted file",
-         claim="a symlink to a directory at a sink path is replaced by the token file; the directory it names "
-               "is not written")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A symlink to a directory at a sink path is replaced by the token "
+                                                 "file; the directory it names is not written.")
 def test_a_symlink_to_a_directory_at_a_sink_path_is_replaced(project, server, tmp_path):
     target = tmp_path / "elsewhere"
     target.mkdir()
@@ -99,7 +99,8 @@ def test_a_symlink_to_a_directory_at_a_sink_path_is_replaced(project, server, tm
 # ---- finding 9: existing paths are no longer trusted
 
 
-@pytest.mark.security(threat="local user", claim="an existing audit log wider than 0600 is made 0600 when a rotation appends to it")
+@pytest.mark.security(threat=LOCAL, claim="An existing audit log wider than 0600 is made 0600 when a rotation "
+                                          "appends to it.")
 def test_a_wide_audit_log_is_tightened_by_a_compromise_rotation(project, server):
     project.add_client("inv", grant="password", users={"alice": "pw-alice"})
     audit = project.root / "state" / "audit.log"
@@ -119,9 +120,8 @@ def control_server(runtime_dir: Path, group=None) -> ControlServer:
     return ControlServer(settings, daemon=None)
 
 
-@pytest.mark.security(threat="local user",
-         claim="an existing world-writable runtime directory loses group and other write before the control "
-               "socket is bound in it")
+@pytest.mark.security(threat=LOCAL, claim="An existing world-writable runtime directory loses group and other "
+                                          "write before the control socket is bound in it.")
 def test_a_wide_runtime_directory_is_tightened_at_control_socket_start(tmp_path):
     runtime = tmp_path / "run"
     runtime.mkdir()
@@ -135,9 +135,8 @@ def test_a_wide_runtime_directory_is_tightened_at_control_socket_start(tmp_path)
         server.stop()
 
 
-@pytest.mark.security(threat="local user",
-         claim="a runtime directory owned by another user, or a shared sticky one like /tmp, is refused with "
-               "a one-line error")
+@pytest.mark.security(threat=LOCAL, claim="A runtime directory owned by another user, or a shared sticky one like "
+                                          "/tmp, is refused with a one-line error.")
 @pytest.mark.parametrize("case", ["foreign", "sticky"])
 def test_a_foreign_or_shared_runtime_directory_is_refused(tmp_path, case):
     runtime = tmp_path / "run"
@@ -152,9 +151,8 @@ def test_a_foreign_or_shared_runtime_directory_is_refused(tmp_path, case):
     assert not (runtime / "control.sock").exists()
 
 
-@pytest.mark.security(threat="local user",
-         claim="a state directory owned by another user is refused: `run` and `once` exit 73 with a one-line "
-               "error and publish nothing")
+@pytest.mark.security(threat=LOCAL, claim="A state directory owned by another user is refused: `run` and `once` "
+                                          "exit 73 with a one-line error and publish nothing.")
 def test_a_state_directory_owned_by_another_user_is_refused(project, server):
     project.add_client("c")
     state = project.root / "state"
@@ -171,9 +169,8 @@ def test_a_state_directory_owned_by_another_user_is_refused(project, server):
     assert os.stat(state).st_uid == NOBODY and os.listdir(state) == []
 
 
-@pytest.mark.security(threat="planted file",
-         claim="a symlink planted at a client's .lock creates nothing at its target; that client's refresh fails "
-               "with a clear error")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A symlink planted at a client's .lock creates nothing at its "
+                                                 "target; that client's refresh fails with a clear error.")
 def test_a_planted_client_lock_symlink_creates_nothing_at_its_target(project, server, tmp_path):
     project.add_client("c")
     project.write()
@@ -188,8 +185,8 @@ def test_a_planted_client_lock_symlink_creates_nothing_at_its_target(project, se
     assert project.token("c") is None
 
 
-@pytest.mark.security(threat="planted file",
-         claim="a symlink planted at daemon.lock creates nothing at its target; `run` exits 73")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A symlink planted at daemon.lock creates nothing at its target; "
+                                                 "`run` exits 73.")
 def test_a_planted_daemon_lock_symlink_creates_nothing_at_its_target(project, server, tmp_path):
     project.add_client("c")
     state = project.root / "state"
@@ -211,9 +208,9 @@ def plant_state(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-@pytest.mark.security(threat="planted file",
-         claim="a state file that is a symlink or owned by another user is moved aside and never published; "
-               "the client gets a new token from the provider")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A state file that is a symlink or owned by another user is moved "
+                                                 "aside and never published; the client gets a new token from the "
+                                                 "provider.")
 @pytest.mark.parametrize("case", ["symlink", "foreign"])
 def test_a_planted_state_file_is_never_published(project, server, tmp_path, case):
     project.add_client("c")
@@ -242,7 +239,8 @@ def test_a_planted_state_file_is_never_published(project, server, tmp_path, case
         assert json.loads(source.read_text())["access_token"] == PLANTED  # the target is not written through
 
 
-@pytest.mark.security(threat="planted file", claim="a FIFO planted at a state file path is refused at once instead of hanging the read")
+@pytest.mark.security(threat=PLANTED_FILE, claim="A FIFO planted at a state file path is refused at once instead "
+                                                 "of hanging the read.")
 def test_a_fifo_at_a_state_path_is_refused_without_blocking(tmp_path):
     store = StateStore(tmp_path / "state")
     store.prepare()
@@ -255,9 +253,9 @@ def test_a_fifo_at_a_state_path_is_refused_without_blocking(tmp_path):
     assert store.load("c").access_token == "fresh"
 
 
-@pytest.mark.security(threat="local user",
-         claim="under umask 000 missing parents are created 0755, the state and runtime directories 0700, and "
-               "state, lock, audit, token files and the socket 0600")
+@pytest.mark.security(threat=LOCAL, claim="Under umask 000 missing parents are created 0755, the state and runtime "
+                                          "directories 0700, and state, lock, audit, token files and the socket "
+                                          "0600.")
 def test_umask_000_creates_parents_0755_and_private_files(tmp_path, server):
     project = Project(tmp_path, server, state_dir=str(tmp_path / "deep" / "a" / "state"),
                       runtime_dir=str(tmp_path / "rundeep" / "b" / "run"),
