@@ -99,29 +99,34 @@ class ControlServer:
 
     def _prepare_directory(self) -> None:
         """The runtime directory: created 0700 (0750 with a socket group; missing parents 0755),
-        whatever the umask. An existing one is refused when another user owns it or it is shared
-        (sticky, like /tmp): others could swap the socket. Ours loses group and other write; read
-        and search bits stay, since under systemd (0750) the group reaches token files there."""
+        whatever the umask. An existing one owned by another user is refused: they could swap the
+        socket. Ours loses group and other write; read and search bits stay, since under systemd
+        (0750) the group reaches token files there. A shared one (sticky, like /tmp or a Kubernetes
+        memory emptyDir) or root's is not ours to narrow: the socket itself is still 0600."""
         from tokensmith.fsutil import make_dirs
 
         directory = self.path.parent
-        if make_dirs(directory, 0o750 if self.group else 0o700):
-            return
-        st = os.stat(directory)
+        try:
+            if make_dirs(directory, 0o750 if self.group else 0o700):
+                return
+            st = os.stat(directory)
+        except OSError as exc:
+            raise RuntimeError(f"runtime directory {directory} is not usable: {exc.strerror or exc}") from exc
         uid = os.geteuid()
         if st.st_uid not in (uid, 0):
             raise RuntimeError(f"runtime directory {directory} is owned by uid {st.st_uid}, not by this user "
                                f"(uid {uid}); refusing to put the control socket there")
         mode = stat.S_IMODE(st.st_mode)
-        if mode & stat.S_ISVTX:
-            raise RuntimeError(f"runtime directory {directory} is a shared directory (sticky bit); "
-                               f"give the daemon a directory of its own")
-        if mode & 0o022:
-            if st.st_uid != uid:  # root's, e.g. a Kubernetes emptyDir: only its owner may chmod it
-                log.warning("runtime directory %s is mode %04o and not ours to tighten", directory, mode,
-                            extra={"event": "runtime_dir_wide"})
-                return
+        if not mode & 0o022:
+            return
+        if st.st_uid != uid or mode & stat.S_ISVTX:
+            log.warning("runtime directory %s is mode %04o and shared; it is left as it is", directory, mode,
+                        extra={"event": "runtime_dir_shared"})
+            return
+        try:
             os.chmod(directory, mode & ~0o022)
+        except OSError as exc:
+            raise RuntimeError(f"runtime directory {directory} cannot be tightened: {exc.strerror}") from exc
 
     def stop(self) -> None:
         if self.sock is not None:

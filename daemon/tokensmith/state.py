@@ -89,6 +89,9 @@ class StateStore:
             if st.st_uid not in (os.geteuid(), 0):
                 raise StateError(f"state directory {self.directory} is owned by uid {st.st_uid}, not by this user "
                                  f"(uid {os.geteuid()}); refusing to use it")
+            if st.st_mode & stat.S_ISVTX:  # /tmp and the like: narrowing it to 0700 would break the host
+                raise StateError(f"state directory {self.directory} is a shared directory (sticky bit); "
+                                 f"give the daemon a directory of its own")
             if stat.S_IMODE(st.st_mode) & 0o077:
                 os.chmod(self.directory, 0o700)
             probe = self.directory / ".write-probe"

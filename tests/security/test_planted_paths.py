@@ -135,20 +135,32 @@ def test_a_wide_runtime_directory_is_tightened_at_control_socket_start(tmp_path)
         server.stop()
 
 
-@pytest.mark.security(threat=LOCAL, claim="A runtime directory owned by another user, or a shared sticky one like "
-                                          "/tmp, is refused with a one-line error.")
-@pytest.mark.parametrize("case", ["foreign", "sticky"])
-def test_a_foreign_or_shared_runtime_directory_is_refused(tmp_path, case):
+@pytest.mark.security(threat=LOCAL, claim="A runtime directory owned by another user is refused with a one-line "
+                                          "error before any socket is bound in it.")
+def test_a_runtime_directory_owned_by_another_user_is_refused(tmp_path):
     runtime = tmp_path / "run"
-    runtime.mkdir()
-    if case == "foreign":
-        os.chown(runtime, NOBODY, NOBODY)
-    else:
-        os.chmod(runtime, 0o1777)
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, NOBODY, NOBODY)
     with pytest.raises(RuntimeError) as info:
         control_server(runtime).start()
-    assert str(runtime) in str(info.value) and "\n" not in str(info.value)
+    assert str(runtime) in str(info.value) and f"uid {NOBODY}" in str(info.value) and "\n" not in str(info.value)
     assert not (runtime / "control.sock").exists()
+
+
+@pytest.mark.security(threat=LOCAL, claim="In a shared sticky runtime directory (like /tmp or a Kubernetes memory "
+                                          "emptyDir) the control socket is still 0600, and the shared directory is "
+                                          "left as it is.")
+def test_a_shared_sticky_runtime_directory_is_left_alone_and_the_socket_is_private(tmp_path):
+    runtime = tmp_path / "shared"
+    runtime.mkdir()
+    os.chmod(runtime, 0o1777)
+    server = control_server(runtime)
+    server.start()
+    try:
+        assert mode_of(runtime) == 0o1777
+        assert mode_of(runtime / "control.sock") == 0o600
+    finally:
+        server.stop()
 
 
 @pytest.mark.security(threat=LOCAL, claim="A state directory owned by another user is refused: `run` and `once` "
@@ -167,6 +179,18 @@ def test_a_state_directory_owned_by_another_user_is_refused(project, server):
     assert f"owned by uid {NOBODY}" in one_line_error(result.stderr, "state directory")
     assert project.token("c") is None and server.stats["token_requests"] == 0
     assert os.stat(state).st_uid == NOBODY and os.listdir(state) == []
+
+
+@pytest.mark.security(threat=LOCAL, claim="A shared sticky directory such as /tmp is refused as the state "
+                                          "directory with a one-line StateError and left as it is.")
+def test_a_shared_sticky_state_directory_is_refused_and_left_alone(tmp_path):
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(StateError) as info:
+        StateStore(shared).prepare()
+    assert "sticky" in str(info.value) and str(shared) in str(info.value)
+    assert mode_of(shared) == 0o1777 and os.listdir(shared) == []
 
 
 @pytest.mark.security(threat=PLANTED_FILE, claim="A symlink planted at a client's .lock creates nothing at its "
