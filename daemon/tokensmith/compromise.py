@@ -19,7 +19,6 @@ import threading
 import time
 
 from tokensmith.errors import TokenEndpointError, TokensmithError
-from tokensmith.fsutil import make_dirs
 from tokensmith.tokens import fingerprint
 
 log = logging.getLogger("tokensmith.compromise")
@@ -190,6 +189,8 @@ def append_audit(path, result: dict) -> None:
                                            "sinks", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    from tokensmith.fsutil import make_dirs  # parents 0755 whatever the umask
+
     make_dirs(path.parent, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:

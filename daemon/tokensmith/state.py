@@ -156,6 +156,16 @@ class StateStore:
         return StateError(f"state file {path} {why}; it was moved to {os.path.basename(aside)} and is not used; "
                          f"a new token will be obtained", client=client)
 
+    @staticmethod
+    def _open_lock(path: str, client: str | None) -> int:
+        # O_NOFOLLOW: a planted symlink would make us create (as root: anywhere) the file it names
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateError(f"lock file {path} is a symlink; remove it", client=client) from None
+            raise StateError(f"cannot open lock file {path}: {exc.strerror}", client=client) from exc
+
     def load_if_changed(self, client: str) -> ClientState | None:
         """load(), or None when the file is the one this store last wrote or read (one stat instead
         of a read and a parse on every refresh) or does not exist."""
@@ -202,13 +212,3 @@ class StateStore:
             os.close(fd)
             return None
         return fd
-
-    @staticmethod
-    def _open_lock(path: str, client: str | None) -> int:
-        # O_NOFOLLOW: a planted symlink would make us create (as root: anywhere) the file it names
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StateError(f"lock file {path} is a symlink; remove it", client=client) from None
-            raise StateError(f"cannot open lock file {path}: {exc.strerror}", client=client) from exc
