@@ -21,6 +21,9 @@ def server():
         yield server
 
 
+@pytest.mark.security(threat="local user", claim="No client secret, password, access token or refresh token appears "
+                                                 "in any log line, CLI output, status, audit line or metrics page, "
+                                                 "error paths included.")
 def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
     project = Project(tmp_path, server, audit_log=str(tmp_path / "audit.log"), log={"level": "DEBUG"})
     project.add_client("form", grant="password", secret=CLIENT_SECRET, users={"alice": PASSWORD},
@@ -91,6 +94,8 @@ def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
             assert secret not in text, f"a secret or token leaked into {where}"
     report.record('every CLI command and daemon path (errors included) with distinctive secrets', 'zero hits in logs, stdout/stderr, status, audit, metrics')
 
+@pytest.mark.security(threat="local user", claim="The /metrics, /readyz and /healthz pages, reachable by any local "
+                                                 "user, hold no secret or token.")
 def test_metrics_and_health_pages_hold_no_secret(tmp_path, server):
     project = Project(tmp_path, server)
     project.settings["health"] = {"listen": "127.0.0.1:0"}

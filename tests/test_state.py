@@ -56,6 +56,8 @@ def test_secrets_are_not_in_the_repr(store):
     assert "access-Value-1" not in repr(full_state()) and "refresh-Value-2" not in repr(full_state())
 
 
+@pytest.mark.security(threat="local user", claim="A state file, which holds the refresh token, is exactly 0600 even "
+                                                 "under umask 0.")
 def test_state_file_is_0600_even_with_umask_0(store):
     old = os.umask(0)
     try:
@@ -65,6 +67,7 @@ def test_state_file_is_0600_even_with_umask_0(store):
     assert mode_of(store.path("billing-api")) == 0o600
 
 
+@pytest.mark.security(threat="local user", claim="The state directory is created 0700 even under umask 0.")
 def test_prepare_creates_the_directory_0700(tmp_path):
     old = os.umask(0)
     try:
@@ -76,6 +79,7 @@ def test_prepare_creates_the_directory_0700(tmp_path):
     assert mode_of(store.directory) == 0o700
 
 
+@pytest.mark.security(threat="local user", claim="An existing state directory wider than 0700 is narrowed to 0700.")
 def test_prepare_tightens_an_existing_wide_directory(tmp_path):
     directory = tmp_path / "state"
     directory.mkdir()
@@ -118,6 +122,8 @@ def test_save_replaces_the_previous_state(store):
 
 @pytest.mark.parametrize("content", [b"{not json", b"", b"\xff\xfe", b'{"access_token": 5, "nope"',
                                      b"[1, 2]", b"null", b"42", b'"text"'])
+@pytest.mark.security(threat="planted file", claim="A state file that is not valid state is moved aside with a "
+                                                   "StateError naming the client, and is never loaded again.")
 def test_corrupt_state_file_is_moved_aside_with_a_state_error(store, content):
     path = store.path("billing-api")
     path.write_bytes(content)
@@ -213,6 +219,8 @@ def test_try_daemon_lock_returns_none_while_another_process_holds_it(store):
 
 @pytest.mark.parametrize("field, value", [("expires_at", "soon"), ("obtained_at", [1]), ("access_token", 12345),
                                           ("sinks_written", "file:/run/t/a")])
+@pytest.mark.security(threat="planted file", claim="A state file that is not valid state is moved aside with a "
+                                                   "StateError naming the client, and is never loaded again.")
 def test_state_file_with_wrongly_typed_fields_is_treated_as_corrupt(store, field, value):
     # A state file that parses but holds the wrong types would crash the keeper at start-up
     # (token.expires_at > clock() raises TypeError) on every restart; it must be moved aside like any corrupt file.

@@ -326,6 +326,8 @@ def test_nothing_listening_is_retryable_unreachable():
     assert error.error == "unreachable" and error.retryable is True
 
 
+@pytest.mark.security(threat="hostile or slow provider", claim="A token response larger than the 64 KiB cap is "
+                                                               "refused with a typed error.")
 def test_oversized_response_is_refused(oauth, report):
     oauth.add_client("cid", SECRET)
     body = json.dumps({"access_token": "a" * (MAX_BODY + 10), "token_type": "Bearer"})
@@ -335,6 +337,8 @@ def test_oversized_response_is_refused(oauth, report):
     assert error.error == "oversized_response"
     report.record('token response larger than 64 KiB', 'cut off at the cap; typed error, nothing written')
 
+@pytest.mark.security(threat="hostile or slow provider", claim="A redirect from the token endpoint is not followed: "
+                                                               "the credentials never reach the redirect target.")
 def test_redirect_from_the_token_endpoint_is_not_followed(report):
     with LocalServer(token_reply) as elsewhere:
         def redirect(request):
@@ -360,6 +364,9 @@ def test_400_invalid_scope_is_not_retryable():
 # ---- secrets never appear in error messages, even when the server echoes them
 
 
+@pytest.mark.security(threat="hostile or slow provider", claim="A token endpoint echoing the client secret, password "
+                                                               "or refresh token in its error (code or description) "
+                                                               "never gets it into the error message.")
 @pytest.mark.parametrize("status", [400, 401, 503])
 @pytest.mark.parametrize("dialect", ["post", "basic", "query"])
 def test_server_echoing_the_secret_is_redacted(status, dialect):
@@ -373,6 +380,9 @@ def test_server_echoing_the_secret_is_redacted(status, dialect):
     assert "bad secret" in str(error)
 
 
+@pytest.mark.security(threat="hostile or slow provider", claim="A token endpoint echoing the client secret, password "
+                                                               "or refresh token in its error (code or description) "
+                                                               "never gets it into the error message.")
 def test_server_echoing_secrets_in_the_error_code_is_redacted():
     def echo(request):
         body = {"error": f"{SECRET}{PASSWORD}", "error_description": f"{PASSWORD} / {SECRET}"}
@@ -384,6 +394,9 @@ def test_server_echoing_secrets_in_the_error_code_is_redacted():
                      secrets=(SECRET, PASSWORD))
 
 
+@pytest.mark.security(threat="hostile or slow provider", claim="A token endpoint echoing the client secret, password "
+                                                               "or refresh token in its error (code or description) "
+                                                               "never gets it into the error message.")
 def test_server_echoing_the_refresh_token_is_redacted():
     refresh = "rt-Refresh-Token-Value-Q4z"
 
@@ -929,6 +942,9 @@ responses = st.builds(
 bodies = st.one_of(responses.map(lambda data: json.dumps(data).encode()), st.binary(max_size=120))
 
 
+@pytest.mark.security(threat="hostile or slow provider", claim="Any token response body (2,000 generated ones) gives "
+                                                               "a token or a one-line typed error that names the "
+                                                               "client and echoes nothing.")
 def test_fuzzed_responses_give_a_token_or_a_typed_error(report):
     cases = []
 

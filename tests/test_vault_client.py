@@ -35,6 +35,8 @@ def test_token_auth_reads_kv2_and_kv1(vault_kv):
     vault.check(client=CLIENT)
 
 
+@pytest.mark.security(threat="hostile secret store", claim="A revoked Vault token makes a one-line error that does "
+                                                           "not echo the Vault token.")
 def test_literal_token_revoked_is_not_retryable_and_not_echoed(vault_kv):
     vault_kv.put("a", {"client_id": "id-1"})
     token = vault_kv.token()

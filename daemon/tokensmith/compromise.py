@@ -211,9 +211,13 @@ def append_audit(path, result: dict) -> None:
 
 def write_audit_line(path, record: dict) -> None:
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from tokensmith.fsutil import make_dirs  # parents 0755 whatever the umask
+
+    make_dirs(path.parent, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
+        if os.fstat(fd).st_mode & 0o077:  # an existing log made wider by hand or by someone else
+            os.fchmod(fd, 0o600)
         os.write(fd, line)
         os.fsync(fd)
     finally:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import threading
 import time
@@ -32,6 +33,37 @@ REPLY_TIMEOUT = 10.0
 def default_runtime_dir() -> str:
     """systemd's RuntimeDirectory= when set, else /run/tokensmith (shared with the config model)."""
     return os.environ.get("RUNTIME_DIRECTORY", "/run/tokensmith").split(":")[0]
+
+
+def prepare_runtime_dir(directory, group: str | None) -> None:
+    """Created 0700 (0750 with a socket group; missing parents 0755), whatever the umask. An
+    existing one owned by another user is refused: they could swap the socket. Ours loses group and
+    other write; read and search bits stay, since under systemd (0750) the group reaches token
+    files there. A shared one (sticky, like /tmp or a Kubernetes memory emptyDir) or root's is not
+    ours to narrow: the socket itself is still 0600."""
+    from tokensmith.fsutil import make_dirs
+
+    try:
+        if make_dirs(directory, 0o750 if group else 0o700):
+            return
+        st = os.stat(directory)
+    except OSError as exc:
+        raise RuntimeError(f"runtime directory {directory} is not usable: {exc.strerror or exc}") from exc
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise RuntimeError(f"runtime directory {directory} is owned by uid {st.st_uid}, not by this user "
+                           f"(uid {uid}); refusing to put the control socket there")
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o022:
+        return
+    if st.st_uid != uid or mode & stat.S_ISVTX:
+        log.warning("runtime directory %s is mode %04o and shared; it is left as it is", directory, mode,
+                    extra={"event": "runtime_dir_shared"})
+        return
+    try:
+        os.chmod(directory, mode & ~0o022)
+    except OSError as exc:
+        raise RuntimeError(f"runtime directory {directory} cannot be tightened: {exc.strerror}") from exc
 
 
 class Unreachable(Exception):
@@ -141,8 +173,7 @@ class ControlServer:
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def start(self) -> None:
-        directory = self.path.parent
-        directory.mkdir(mode=0o750 if self.group else 0o700, parents=True, exist_ok=True)
+        prepare_runtime_dir(self.path.parent, self.group)
         if self.path.exists() or self.path.is_symlink():
             if request(str(self.path), {"op": "ping"}, timeout=2) is not None:
                 raise RuntimeError(f"another daemon answers on {self.path}")

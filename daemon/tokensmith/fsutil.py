@@ -51,6 +51,30 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, mode: int = 0o600, gid
     return written
 
 
+def make_dirs(path: str | os.PathLike, mode: int = 0o700, parent_mode: int = 0o755) -> bool:
+    """Create `path` with `mode` and its missing parents with `parent_mode`, whatever the umask
+    (under umask 000 os.makedirs would leave them 0777). Existing directories are left as they
+    are. True when `path` itself was created."""
+    path = os.fspath(path).rstrip("/") or "/"
+    if os.path.isdir(path):
+        return False
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        make_dirs(parent, parent_mode, parent_mode)
+    try:
+        os.mkdir(path, mode & 0o700)  # never wider than the owner's bits until the chmod below
+    except FileExistsError:
+        if os.path.isdir(path):
+            return False
+        raise
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return True
+
+
 def fsync_dir(directory: str | os.PathLike) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -6,6 +6,7 @@ crash at any instant leaves either the previous state or the next one, never a m
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from tokensmith.errors import StateError
-from tokensmith.fsutil import atomic_write, remove_stale_temps
+from tokensmith.fsutil import atomic_write, make_dirs, remove_stale_temps
 from tokensmith.tokens import Token
 
 FORMAT_VERSION = 1
@@ -79,11 +80,19 @@ class StateStore:
         self._seen: dict[str, tuple[int, int, int]] = {}  # per client: the file as this store last wrote or read it
 
     def prepare(self) -> None:
-        """Create the directory 0700 and prove it is writable, so a bad state_dir fails at start-up."""
+        """Create the directory 0700 (missing parents 0755) and prove it is writable, so a bad
+        state_dir fails at start-up. A directory another user owns is refused: they could plant a
+        state file whose token we would publish."""
         try:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            mode = stat.S_IMODE(self.directory.stat().st_mode)
-            if mode & 0o077:
+            make_dirs(self.directory, 0o700)
+            st = self.directory.stat()
+            if st.st_uid not in (os.geteuid(), 0):
+                raise StateError(f"state directory {self.directory} is owned by uid {st.st_uid}, not by this user "
+                                 f"(uid {os.geteuid()}); refusing to use it")
+            if st.st_mode & stat.S_ISVTX:  # /tmp and the like: narrowing it to 0700 would break the host
+                raise StateError(f"state directory {self.directory} is a shared directory (sticky bit); "
+                                 f"give the daemon a directory of its own")
+            if stat.S_IMODE(st.st_mode) & 0o077:
                 os.chmod(self.directory, 0o700)
             probe = self.directory / ".write-probe"
             atomic_write(probe, b"", mode=0o600)
@@ -104,13 +113,25 @@ class StateStore:
     def load(self, client: str) -> ClientState | None:
         path = self._file(client)
         try:
-            with open(path, "rb") as handle:
-                seen = _signature(os.fstat(handle.fileno()))
-                raw = handle.read()
+            # O_NOFOLLOW: a planted symlink must not choose what we read; O_NONBLOCK: nor a FIFO hang us
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise self._set_aside(path, client, "is a symlink") from None
             raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
+        with open(fd, "rb") as handle:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self._set_aside(path, client, "is not a regular file")
+            if st.st_uid not in (os.geteuid(), 0):
+                raise self._set_aside(path, client, f"is owned by uid {st.st_uid}, not by this user")
+            seen = _signature(st)
+            try:
+                raw = handle.read()
+            except OSError as exc:
+                raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
         try:
             data = json.loads(raw)
             state = ClientState(**{key: value for key, value in data.items() if key in _KNOWN})
@@ -122,6 +143,28 @@ class StateStore:
                              f"a new token will be obtained", client=client) from None
         self._seen[client] = seen
         return state
+
+    @staticmethod
+    def _set_aside(path: str, client: str, why: str) -> StateError:
+        """A state file we did not write is never used (its token would be published): move it aside."""
+        aside = f"{path}.refused-{int(time.time())}"
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            return StateError(f"state file {path} {why} and could not be moved aside ({exc.strerror}); "
+                              f"it is not used", client=client)
+        return StateError(f"state file {path} {why}; it was moved to {os.path.basename(aside)} and is not used; "
+                         f"a new token will be obtained", client=client)
+
+    @staticmethod
+    def _open_lock(path: str, client: str | None) -> int:
+        # O_NOFOLLOW: a planted symlink would make us create (as root: anywhere) the file it names
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StateError(f"lock file {path} is a symlink; remove it", client=client) from None
+            raise StateError(f"cannot open lock file {path}: {exc.strerror}", client=client) from exc
 
     def load_if_changed(self, client: str) -> ClientState | None:
         """load(), or None when the file is the one this store last wrote or read (one stat instead
@@ -153,7 +196,7 @@ class StateStore:
     @contextmanager
     def client_lock(self, client: str):
         """The cross-process lock that makes the daemon and a CLI without a daemon one writer per client."""
-        fd = os.open(self._file(client, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock(self._file(client, ".lock"), client)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -162,7 +205,7 @@ class StateStore:
 
     def try_daemon_lock(self) -> int | None:
         """Hold state_dir/daemon.lock for the process lifetime; None when another daemon has it."""
-        fd = os.open(self.directory / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open_lock(self._file("daemon", ".lock"), None)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -56,6 +56,8 @@ def test_raw_format_is_the_bare_token(tmp_path):
     assert path.read_bytes() == ACCESS.encode()
 
 
+@pytest.mark.security(threat="consumer in the socket group", claim="A JSON token file holds the token document and "
+                                                                   "never the refresh token.")
 def test_json_format_is_the_token_document_without_the_refresh_token(tmp_path):
     path = tmp_path / "api.json"
     ready(path, format="json").write(token())
@@ -85,12 +87,16 @@ def test_sink_name_names_the_path(tmp_path):
 # ---- modes and group
 
 
+@pytest.mark.security(threat="local user", claim="A token file is exactly 0600 by default, even under umask 0.")
 def test_default_mode_is_exactly_0600_even_with_umask_0(tmp_path, umask_zero):
     path = tmp_path / "api.token"
     ready(path).write(token())
     assert mode_of(path) == 0o600
 
 
+@pytest.mark.security(threat="consumer in the socket group", claim="A token file shared with a group is exactly its "
+                                                                   "configured mode (0640) and owned by that group, "
+                                                                   "even under umask 0.")
 def test_mode_0640_with_a_group(tmp_path, umask_zero):
     group = grp.getgrgid(os.getgid())
     path = tmp_path / "api.token"
@@ -99,6 +105,8 @@ def test_mode_0640_with_a_group(tmp_path, umask_zero):
     assert os.stat(path).st_gid == group.gr_gid
 
 
+@pytest.mark.security(threat="local user", claim="A token file that was wider than its configured mode is narrowed "
+                                                 "when it is replaced.")
 def test_replacing_a_wider_existing_file_narrows_it(tmp_path, umask_zero):
     path = tmp_path / "api.token"
     path.write_text("old")
@@ -116,6 +124,10 @@ def test_unknown_group_fails_check_naming_the_group(tmp_path):
 # ---- atomic replacement
 
 
+@pytest.mark.security(threat="consumer in the socket group", claim="A consumer reading its token file while it is "
+                                                                   "replaced sees the old token or the new one, "
+                                                                   "never an empty or partial file, and no temp file "
+                                                                   "is left.")
 def test_reader_never_sees_empty_or_partial_content(tmp_path):
     path = tmp_path / "api.token"
     writer = ready(path)
@@ -150,6 +162,8 @@ def test_reader_never_sees_empty_or_partial_content(tmp_path):
 # ---- symlinks
 
 
+@pytest.mark.security(threat="planted file", claim="A symlink at a token file path is replaced by a regular file; "
+                                                   "its target is never written.")
 def test_symlink_at_the_sink_path_is_replaced_not_written_through(tmp_path, report):
     target = tmp_path / "elsewhere"
     target.write_text("do not touch")
@@ -161,6 +175,8 @@ def test_symlink_at_the_sink_path_is_replaced_not_written_through(tmp_path, repo
     assert path.read_text() == ACCESS
     report.record('sink path replaced by a symlink', 'replaced atomically by a regular file; the link target untouched')
 
+@pytest.mark.security(threat="planted file", claim="A dangling symlink at a token file path is replaced; nothing is "
+                                                   "created at its target.")
 def test_dangling_symlink_at_the_sink_path_is_replaced(tmp_path):
     path = tmp_path / "api.token"
     path.symlink_to(tmp_path / "would-be-created")
@@ -203,11 +219,12 @@ def test_check_fails_for_an_unwritable_directory(tmp_path):
     assert f"file:{path}" in str(info.value) and info.value.retryable is False
 
 
-def test_check_fails_when_the_path_is_a_directory(tmp_path):
+def test_check_fails_retryably_when_the_path_is_a_directory(tmp_path):
+    """Retryable: a directory planted at one sink path must not stop the daemon (docs/security.md)."""
     (tmp_path / "api.token").mkdir()
     with pytest.raises(SinkError) as info:
         sink(tmp_path / "api.token").check()
-    assert "directory" in str(info.value) and info.value.retryable is False
+    assert "directory" in str(info.value) and info.value.retryable is True
 
 
 def test_check_leaves_temp_files_alone(tmp_path):

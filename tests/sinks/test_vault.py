@@ -74,6 +74,8 @@ def test_check_fails_without_permission_or_mount(tmp_path, vault_kv):
     assert not caught.value.retryable
 
 
+@pytest.mark.security(threat="hostile secret store", claim="A Vault sink write refused by the store names the path, "
+                                                           "never the token or the Vault token.")
 def test_write_denied_names_path_not_token(tmp_path, vault_kv):
     read_only = vault_kv.token(policies=["default"])
     sink = sink_for(tmp_path, vault_kv, auth={"method": "token", "token": read_only}, path=vault_kv.path("t"))

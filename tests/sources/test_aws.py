@@ -40,6 +40,8 @@ def test_rotated_secret_is_picked_up_on_next_read(tmp_path, aws_env):
     (json.dumps([SECRET]), "not a JSON object"),
     (None, "no SecretString"),
 ])
+@pytest.mark.security(threat="hostile secret store", claim="An AWS secret that is not a JSON object, or is binary, "
+                                                           "is refused without echoing its value.")
 def test_unusable_secret_is_not_retryable_and_not_echoed(tmp_path, aws_env, content, reason):
     value = {"SecretString": content} if content is not None else {"SecretBinary": SECRET.encode()}
     aws_env.secretsmanager().create_secret(Name="prod/billing", **value)

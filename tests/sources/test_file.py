@@ -125,6 +125,8 @@ def test_non_string_value_is_refused_naming_the_key(tmp_path):
     assert "client_secret" in str(error) and "12345" not in str(error)
 
 
+@pytest.mark.security(threat="local user", claim="A credentials file readable by its group or by others is refused, "
+                                                 "naming the path and never the content.")
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o610])
 def test_file_readable_by_others_is_refused_naming_the_path_not_the_content(tmp_path, mode):
     path = credentials_file(tmp_path, json.dumps({"client_id": "billing", "client_secret": SECRET}), mode=mode)
@@ -144,6 +146,8 @@ def test_missing_file_names_the_path(tmp_path):
     assert str(tmp_path / "absent.json") in str(error)
 
 
+@pytest.mark.security(threat="hostile secret store", claim="A credentials file that is not valid JSON is refused "
+                                                           "without echoing its content.")
 def test_invalid_json_does_not_echo_the_content(tmp_path):
     path = credentials_file(tmp_path, '{"client_id": "billing", "client_secret": "' + SECRET + '",')
     error = read_error(path)

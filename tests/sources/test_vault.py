@@ -50,6 +50,8 @@ def test_missing_path_is_not_retryable(tmp_path, vault_kv):
     assert message.startswith("client billing-api: ") and f"secret/{vault_kv.path('absent')}" in message
 
 
+@pytest.mark.security(threat="hostile secret store", claim="A Vault secret missing a key is refused naming the path "
+                                                           "and the key, never the values it holds.")
 def test_missing_key_is_not_retryable_and_shows_no_values(tmp_path, vault_kv):
     path = vault_kv.put("billing", {"client_id": "c", "client_secret": SECRET})
     source = source_for(tmp_path, vault_kv, grant="refresh_token", path=path)

@@ -56,8 +56,10 @@ class FileSink:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SinkError(f"{self.name}: directory {directory} is not writable", client=self.client,
                             retryable=False)
-        if self.path.is_dir():
-            raise SinkError(f"{self.name}: path is a directory", client=self.client, retryable=False)
+        if self.path.is_dir() and not self.path.is_symlink():  # a symlink, even to a directory, is replaced
+            # retryable: a directory planted here must not stop the daemon (and every other client)
+            raise SinkError(f"{self.name}: path is a directory; the token is written once it is removed",
+                            client=self.client, retryable=True)
 
     def holds(self, token) -> bool:
         """The file is its own record of which token it holds: a restart reads it instead of the
@@ -68,6 +70,9 @@ class FileSink:
         data = render(token, self.config.format, self.config.env_key)
         try:
             atomic_write(self.path, data, mode=self.config.mode, gid=self.gid)
+        except IsADirectoryError as exc:
+            raise SinkError(f"{self.name}: path is a directory; the token is written once it is removed",
+                            client=self.client, retryable=True) from exc
         except OSError as exc:
             raise SinkError(f"{self.name}: write failed: {exc.strerror or exc}", client=self.client,
                             retryable=True) from exc
