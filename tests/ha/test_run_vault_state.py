@@ -4,6 +4,7 @@ refresh token was seeded once continues its single-use chain from the record in 
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -96,3 +97,16 @@ def test_with_the_file_backend_the_same_pod_loss_breaks_the_chain(tmp_path, serv
     finally:
         daemon.stop()
     assert "refresh token has already been used" in daemon.log or "invalid_grant" in daemon.log
+
+
+def test_status_without_a_daemon_reads_the_vault_backend(tmp_path, server, vault_kv):
+    project = Project(tmp_path, server, vault=vault_kv.vault_config(),
+                      state={"type": "vault", "mount": "secret", "prefix": vault_kv.prefix})
+    project.add_client("fresh", lifetime=300)
+    project.write()
+    assert project.cli("once").returncode == 0
+    lose_the_pod(project)
+    result = project.cli("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [status] = json.loads(result.stdout)["clients"]
+    assert status["client"] == "fresh" and status["valid"] and status["token"]
