@@ -99,9 +99,9 @@ class SharedStateStore:
         for client in self._list()[:MAX_CLIENTS]:
             try:
                 state = self.load(client)
-            except StaleStateError:
-                raise
-            except StateError:
+            except StateError as exc:
+                if exc.retryable:  # the store is failing: a partial takeover view is worse than none
+                    raise
                 continue
             if state is not None:
                 states[client] = state
