@@ -70,6 +70,7 @@ def take_lease(store: VaultStateStore, prefix: str, versions: dict) -> None:
 def test_the_cluster_is_three_voters_and_every_node_serves(cluster):
     assert len(cluster.nodes) == 3 and cluster.voters() == {"node1", "node2", "node3"}
     assert len(cluster.standbys()) == 2 and cluster.active() not in cluster.standbys()
+    print(f"raft cluster up in {cluster.startup_seconds:.1f}s")
 
 
 def test_every_node_reads_its_own_writes_and_cas_never_trips_on_a_lagging_standby(cluster, prefix, tmp_path):
