@@ -170,3 +170,28 @@ def test_with_a_lease_condition_a_replica_that_lost_the_lease_writes_nothing(tmp
     with pytest.raises(StaleStateError):
         other.save("billing", state(4))  # holds the lease, but read an old version
     assert json.loads(item(table, "billing")["state"]["S"])["access_token"] == f"{SECRET_ACCESS}-3"
+
+
+def test_racing_writers_lose_no_update(tmp_path, table):
+    import threading
+
+    stores = [backend(tmp_path / str(n), table) for n in range(2)]
+    stores[0].save("counter", ClientState(last_refresh=0.0))
+
+    def bump(store, times):
+        done = 0
+        while done < times:
+            current = store.load("counter")
+            try:
+                store.save("counter", ClientState(last_refresh=current.last_refresh + 1))
+                done += 1
+            except StaleStateError:
+                pass
+
+    threads = [threading.Thread(target=bump, args=(store, 15)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    stored = item(table, "counter")
+    assert json.loads(stored["state"]["S"])["last_refresh"] == 30.0 and stored["version"]["N"] == "31"
