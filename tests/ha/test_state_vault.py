@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hvac.exceptions import InvalidPath
 
 from fixtures_stores import store_settings
 from tokensmith.config import VaultStateConfig
@@ -177,3 +178,19 @@ def test_racing_writers_lose_no_update(tmp_path, vault_kv):
     final = record(vault_kv, "counter")
     assert final["data"]["state"]["last_refresh"] == 30.0
     assert final["metadata"]["version"] == 31
+
+
+def test_moving_a_host_from_the_file_backend_keeps_its_state(tmp_path, vault_kv):
+    from tokensmith.state import StateStore
+
+    files = StateStore(tmp_path)
+    files.prepare()
+    files.save("billing", state(1))
+    store = backend(tmp_path, vault_kv)
+    assert store.load("billing") == state(1)  # no record yet: the file is read
+    with pytest.raises(InvalidPath):
+        record(vault_kv, "billing")
+    store.save("billing", state(2))
+    assert record(vault_kv, "billing")["metadata"]["version"] == 1
+    files.save("billing", state(9))  # from now on the record wins over the file
+    assert store.load("billing") == state(2)
