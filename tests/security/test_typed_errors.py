@@ -23,7 +23,7 @@ from tokensmith.keeper import Keeper
 from tokensmith.metrics import Metrics
 from tokensmith.sources import Credentials
 from tokensmith.sources.env import EnvSource
-from tokensmith.state import ClientState, StateStore
+from tokensmith.state import StateStore
 from tokensmith.tokenclient import TokenClient, jwt_expiry, parse_retry_after, parse_token_response
 
 ROOT = Path(__file__).resolve().parents[2]
