@@ -23,7 +23,7 @@ from tokensmith.vault import VaultClient
 
 TIMEOUT = 1.0
 MARGIN = 0.6
-STORE = "hostile or slow secret store"
+STORE = "hostile secret store"
 VAULT_BODY = json.dumps({"data": {"data": {"client_id": "cid", "client_secret": "s3cr3t"},
                                   "metadata": {"version": 1}}}).encode()
 AWS_BODY = json.dumps({"Name": "slow", "SecretString": json.dumps({"client_id": "cid", "client_secret": "s"})}).encode()
