@@ -151,6 +151,8 @@ def test_one_reaper_thread_serves_every_call(tmp_path):
     assert [t.name for t in threading.enumerate()].count("deadline-reaper") == 1
 
 
+@pytest.mark.security(threat=STORE, claim="A Vault answer that is not a JSON object (an interim status taken for the "
+                      "final one, HTML, a list) is a typed 'unreadable response' error, never an untyped exception.")
 @pytest.mark.parametrize("answer", [b"HTTP/1.1 102 Processing\r\n\r\n",
                                     response(b"<html>not vault</html>", content_type="text/html"),
                                     response(b'["a list"]')])
