@@ -19,6 +19,7 @@ import time
 
 from tokensmith import __version__
 from tokensmith.control import Unreachable, default_runtime_dir, request
+from tokensmith.logs import error_line
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 6
 EXIT_CHECK_CONFIG, EXIT_NO_CLIENT, EXIT_IN_USE, EXIT_STATE, EXIT_CONFIG = 7, 8, 9, 73, 78
@@ -157,13 +158,13 @@ def load(args):
 
     missing = no_config_file(args)
     if missing:
-        print(f"tokensmith: {missing}", file=sys.stderr)
+        error_line(missing)
         raise SystemExit(EXIT_CONFIG)
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
         for line in getattr(exc, "problems", [str(exc)]):
-            print(f"tokensmith: config: {line}", file=sys.stderr)
+            error_line(f"config: {line}")
         raise SystemExit(EXIT_CONFIG) from None
     from tokensmith import logs
 
@@ -208,10 +209,10 @@ def local_daemon(args, only=None):
     try:
         daemon.build()
     except StateError as exc:
-        print(f"tokensmith: {exc}", file=sys.stderr)
+        error_line(str(exc))
         raise SystemExit(EXIT_STATE) from None
     except ConfigError as exc:
-        print(f"tokensmith: config: {exc}", file=sys.stderr)
+        error_line(f"config: {exc}")
         raise SystemExit(EXIT_CONFIG) from None
     return daemon
 
@@ -239,7 +240,7 @@ def cmd_run(args) -> int:
             f": {exc.filename}" if getattr(exc, "filename", None) else "")
     else:
         return daemon.run_forever()
-    print(f"tokensmith: {line}", file=sys.stderr)
+    error_line(line)
     daemon.stop()
     return code
 

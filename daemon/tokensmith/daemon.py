@@ -100,6 +100,9 @@ class Daemon:
         return keeper
 
     def build(self) -> None:
+        from tokensmith.backends import check_extras
+
+        check_extras(self.settings)  # a backend library not installed: one line naming the extra
         self.store.prepare()
         if self.serve:
             self._daemon_lock_fd = self.store.try_daemon_lock()
