@@ -325,3 +325,14 @@ def test_status_json_has_the_same_fields_with_and_without_a_daemon(project):
         assert ISO.fullmatch(record["expires_at"]) and ISO.fullmatch(record["last_refresh"])
         assert record["token"] and record["valid"] is True and record["last_grant"] == "client_credentials"
     assert live["expires_at"] == offline["expires_at"] and live["token"] == offline["token"]
+
+
+def test_the_readme_and_the_docstring_list_the_same_exit_codes():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    documented = {int(match) for match in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert documented == set(EXIT_CODES)
+    import tokensmith.cli
+
+    for code in EXIT_CODES:
+        assert re.search(rf"\b{code} ", tokensmith.cli.__doc__), code
