@@ -179,15 +179,16 @@ def no_such_client(name: str, known: list[str]) -> SystemExit:
 
 
 def refuse_foreign_state_dir(settings) -> None:
-    """Without a daemon the CLI writes state files itself. Written by another user (typically root
-    under sudo) they would be unreadable to the service, so refuse instead."""
+    """Without a daemon the CLI writes state files itself. Written by root (sudo) into the service
+    user's directory they would be unreadable to the service, so refuse instead. (Another user
+    cannot write there at all, or shares it through the group, as in a pod with fsGroup.)"""
     try:
         owner = os.stat(settings.state_dir).st_uid
     except OSError:
         return  # created now, by this user; the daemon's own start-up reports an unusable one
-    if owner != os.geteuid():
-        print(f"tokensmith: state directory {settings.state_dir} belongs to uid {owner}, not to this user "
-              f"(uid {os.geteuid()}): files written now would lock the service out of its own state. "
+    if os.geteuid() == 0 and owner != 0:
+        print(f"tokensmith: state directory {settings.state_dir} belongs to uid {owner}, not to root: "
+              f"files written now would lock the service out of its own state. "
               f"Start the daemon (systemctl start tokensmith) so it does this, or run as uid {owner}",
               file=sys.stderr)
         raise SystemExit(EXIT_STATE)
