@@ -232,3 +232,16 @@ def test_importing_a_backend_module_without_its_library_names_the_extra():
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'tokensmith[aws]'" in result.stdout, result.stdout + result.stderr
+
+
+def test_scripts_test_fails_in_ci_without_python_3_13(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYENV_ROOT": str(tmp_path / "pyenv"), "CI": "true"}
+    assert not any(Path(d, "python3.13").exists() for d in env["PATH"].split(":")), "python3.13 in /usr/bin"
+    result = subprocess.run([str(REPO / "scripts" / "test"), "--collect-only"], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no Python 3.13 interpreter found" in result.stderr and "CI must test on 3.13" in result.stderr
+    assert "collected" not in result.stdout  # it stopped before running anything
+    # outside CI it says it tests on 3.11 only (and goes on)
+    script = (REPO / "scripts" / "test").read_text()
+    assert 'TOKENSMITH_PYTHONS:-3.11 3.13' in script and ".venv-3.13" in script
