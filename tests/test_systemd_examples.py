@@ -173,3 +173,59 @@ def test_systemd_vault_example_runs_under_the_unit(tmp_path, openbao, oauth):
     # a stop leaves the tokens in place (the unit no longer has a RuntimeDirectory= to remove)
     assert all(path.exists() for path in tokens.values())
     assert not (unit.moves["/run/tokensmith"] / "control.sock").exists()
+
+
+CENTRAL = REPO / "config" / "central-aws.yaml"
+
+
+def test_central_aws_example_names_only_paths_the_sandbox_allows():
+    config = yaml.safe_load(CENTRAL.read_text())
+    writable = writable_by_unit()
+    assert inside(config["state_dir"], writable) and inside(config["runtime_dir"], writable)
+    for client in config["clients"]:
+        assert all(sink["type"] != "file" or inside(sink["path"], writable) for sink in client["sinks"])
+        assert not [hook for hook in client.get("hooks", []) if hook["type"] == "signal"]
+
+
+def test_central_aws_example_runs_once_under_the_unit(tmp_path, moto_server, oauth):
+    import boto3
+
+    from fixtures_stores import AWS_ENV
+
+    unit = UnitEnvironment(tmp_path)
+    # AWS credentials reach the service the way a drop-in's Environment= (or instance metadata) would
+    unit.env.update(AWS_ENV, AWS_CONFIG_FILE=str(tmp_path / "aws-config"),
+                    AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "aws-credentials"))
+    config = yaml.safe_load(unit.move(CENTRAL.read_text()))
+    config["aws"] = {"region": AWS_ENV["AWS_REGION"], "endpoint_url": moto_server}
+    config["health"] = {"listen": "127.0.0.1:0"}  # only loopback in tests
+    prefix = tmp_path.name  # moto's state is shared by the session: names of our own
+    secrets = boto3.session.Session().client("secretsmanager", region_name=AWS_ENV["AWS_REGION"],
+                                             endpoint_url=moto_server, aws_access_key_id="testing",
+                                             aws_secret_access_key="testing")
+    dialects = {"payments-gateway": "json", "shipping-partner": "basic"}
+    for client in config["clients"]:
+        name = client["name"]
+        oauth.add_client(f"{name}-id", f"{name}-secret", dialect=dialects[name])
+        client["token_url"] = oauth.token_url
+        for field in ("revocation_url", "introspection_url"):
+            if client.get(field):
+                client[field] = getattr(oauth, field)
+        client["source"]["secret_id"] = f"{prefix}/{client['source']['secret_id']}"
+        secrets.create_secret(Name=client["source"]["secret_id"],
+                              SecretString=f'{{"client_id": "{name}-id", "client_secret": "{name}-secret"}}')
+        for sink in client["sinks"]:
+            sink["secret_id"] = f"{prefix}/{sink['secret_id']}"
+            sink.pop("kms_key_id", None)  # moto has no such key
+    (unit.moves["/etc/tokensmith"] / "config.yaml").write_text(yaml.safe_dump(config))
+
+    check = unit.run("ExecStartPre")
+    assert check.returncode == 0, check.stdout + check.stderr
+    argv = unit.command("ExecStart")
+    assert argv[3] == "run"
+    once = subprocess.run(argv[:3] + ["once"] + argv[4:], env=unit.env, preexec_fn=lambda: os.umask(unit.umask),
+                          capture_output=True, text=True, timeout=60)
+    assert once.returncode == 0, once.stdout + once.stderr
+    for client in config["clients"]:
+        stored = secrets.get_secret_value(SecretId=client["sinks"][0]["secret_id"])["SecretString"]
+        assert '"access_token"' in stored
