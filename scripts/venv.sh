@@ -1,5 +1,6 @@
 # Sourced by scripts/demo and scripts/test: make ./.venv with the project installed (editable)
-# and the given extras. Uses only Python 3.11+; on Debian without python3-venv it installs it.
+# and the given extras, pinned by constraints.txt. Uses only Python 3.11+; on Debian without
+# python3-venv it installs it. TOKENSMITH_VENV and PYTHON choose another venv and interpreter.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${TOKENSMITH_VENV:-$ROOT/.venv}"
@@ -18,9 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   fi
 fi
 extras="${1:-}"
-stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)-${extras:-none}"
+stamp="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -c1-16)-${extras:-none}"
 if [ ! -e "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT${extras:+[$extras]}"
+  "$VENV/bin/python" -m pip install -q -c "$ROOT/constraints.txt" -e "$ROOT${extras:+[$extras]}"
   touch "$stamp"
 fi

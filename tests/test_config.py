@@ -343,7 +343,8 @@ def test_pathologically_nested_yaml_is_a_config_error(tmp_path):
 def run_check_config(path=None, extra_env=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENSMITH_")}
     env.update(extra_env or {})
-    argv = [sys.executable, "-m", "tokensmith", "check-config"] + (["--config", str(path)] if path else [])
+    # --config-only: these tests are about the config file; tests/test_cli_operator.py checks the machine
+    argv = [sys.executable, "-m", "tokensmith", "check-config", "--config-only"] + (["--config", str(path)] if path else [])
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -362,12 +363,12 @@ def test_prefixed_variables_that_name_no_config_field_are_ignored_and_listed(tmp
     assert "note: TOKENSMITH_HELM names no config field and is ignored" in result.stdout
 
 
-def test_check_config_exits_2_and_prints_every_problem(tmp_path):
+def test_check_config_exits_7_and_prints_every_problem(tmp_path):
     path = write(tmp_path, {"log": {"level": "LOUD"},
                             "clients": [client(scop="x", sinks=[{"type": "file", "path": "/run/t/a", "mode": "0644"}]),
                                         client("partner-feed", token_url="http://auth.example/t")]})
     result = run_check_config(path)
-    assert result.returncode == 2
+    assert result.returncode == 7  # EXIT_CHECK_CONFIG
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 4, result.stdout
     for where in ("log.level", "clients[0](billing-api).scop", "clients[0](billing-api).sinks[0].mode",
@@ -375,11 +376,11 @@ def test_check_config_exits_2_and_prints_every_problem(tmp_path):
         assert any(where in line for line in errors), (where, errors)
 
 
-def test_check_config_reports_invalid_yaml_with_exit_2(tmp_path):
+def test_check_config_reports_invalid_yaml_with_exit_7(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("clients:\n  - name: [unclosed\n")
     result = run_check_config(path)
-    assert result.returncode == 2
+    assert result.returncode == 7  # EXIT_CHECK_CONFIG
     assert "line" in result.stdout and str(path) in result.stdout
 
 
@@ -396,7 +397,7 @@ def test_check_config_never_echoes_the_vault_token(tmp_path):
                             "clients": [client(source={"type": "vault", "path": "clients/billing"}, timeout="soon",
                                                extra_params={"client_secret": VAULT_TOKEN})]})
     result = run_check_config(path)
-    assert result.returncode == 2
+    assert result.returncode == 7  # EXIT_CHECK_CONFIG
     assert "clients[0](billing-api).timeout" in result.stdout
     assert VAULT_TOKEN not in result.stdout + result.stderr
 
@@ -406,7 +407,7 @@ def test_check_config_never_echoes_the_vault_token_when_the_vault_section_is_inv
                                       "auth": {"method": "token", "token": VAULT_TOKEN, "tokne": VAULT_TOKEN}},
                             "clients": [client(source={"type": "vault", "path": "clients/billing"})]})
     result = run_check_config(path)
-    assert result.returncode == 2
+    assert result.returncode == 7  # EXIT_CHECK_CONFIG
     assert "vault.colour" in result.stdout and "vault.auth.tokne" in result.stdout
     assert VAULT_TOKEN not in result.stdout + result.stderr
 
@@ -415,7 +416,7 @@ def test_check_config_never_echoes_a_vault_token_given_in_the_environment(tmp_pa
     path = write(tmp_path, {"vault": {"address": "https://vault.example:8200", "auth": {"method": "approle"}},
                             "clients": [client(source={"type": "vault", "path": "clients/billing"})]})
     result = run_check_config(path, extra_env={"TOKENSMITH_VAULT__AUTH__TOKEN": VAULT_TOKEN})
-    assert result.returncode == 2
+    assert result.returncode == 7  # EXIT_CHECK_CONFIG
     assert "vault.auth" in result.stdout
     assert VAULT_TOKEN not in result.stdout + result.stderr
 

@@ -34,6 +34,9 @@ class FakeDaemon:
     def not_ready(self) -> list[str]:
         return [name for name, keeper in self.keepers.items() if not keeper.ready()]
 
+    def serving(self) -> bool:
+        return self.alive is True
+
 
 @pytest.fixture(scope="module")
 def shared():
@@ -91,29 +94,29 @@ def test_readyz_names_failing_clients_then_flips_to_ready(server, daemon, tmp_pa
     daemon.keepers["beta"] = make_keeper(tmp_path, "beta", daemon.metrics, clock, errors=[
         TokenEndpointError("HTTP 503", status=503)])
 
-    response = get(server, "/readyz")
+    response = get(server, "/readyz?strict=1")
     assert (response.status_code, response.text) == (503, "not ready: alpha, beta\n")
 
     assert daemon.keepers["alpha"].refresh().ok
     assert not daemon.keepers["beta"].refresh().ok
-    response = get(server, "/readyz")
+    response = get(server, "/readyz?strict=1")
     assert (response.status_code, response.text) == (503, "not ready: beta\n")
 
     assert daemon.keepers["beta"].refresh().ok
-    response = get(server, "/readyz")
+    response = get(server, "/readyz?strict=1")
     assert (response.status_code, response.text) == (200, "ready\n")
 
     clock.now = NOW + 7200  # both tokens expired
-    assert get(server, "/readyz").text == "not ready: alpha, beta\n"
+    assert get(server, "/readyz?strict=1").text == "not ready: alpha, beta\n"
 
 
 def test_readyz_with_no_clients_is_ready(server):
-    assert get(server, "/readyz").status_code == 200
+    assert get(server, "/readyz?strict=1").status_code == 200
 
 
 def test_readyz_caps_a_long_list(server, daemon):
     daemon.not_ready = lambda: [f"c{i}" for i in range(250)]
-    text = get(server, "/readyz").text
+    text = get(server, "/readyz?strict=1").text
     assert text.startswith("not ready: c0, c1, ") and text.endswith(", c99, ... (150 more)\n")
 
 
@@ -143,8 +146,8 @@ def test_metrics_endpoint_values_and_no_secrets(server, daemon, tmp_path):
     assert v("tokensmith_refresh_attempts_total", client="api", grant="client_credentials") == 1
     assert v("tokensmith_refresh_success_total", client="api") == 1
     assert v("tokensmith_refresh_failures_total", client="down", reason="invalid_grant") == 1
-    assert v("tokensmith_refresh_duration_seconds_count", client="api") == 1
-    assert v("tokensmith_refresh_duration_seconds_count", client="down") == 1
+    assert v("tokensmith_refresh_duration_seconds_count", result="ok") == 1
+    assert v("tokensmith_refresh_duration_seconds_count", result="failed") == 1
     assert v("tokensmith_compromise_rotations_total", client="api", result="ok") == 1
     assert any(name == "process_resident_memory_bytes" for name, _ in s)
 
@@ -176,7 +179,7 @@ def test_query_string_ignored_unknown_path_404(server):
     assert get(server, "/healthz/extra").status_code == 404
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "BREW"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
 def test_non_get_is_405(server, method):
     host, port = server.address
     connection = http.client.HTTPConnection(host, port, timeout=5)
@@ -187,14 +190,14 @@ def test_non_get_is_405(server, method):
     finally:
         connection.close()
     assert response.status == 405
-    assert response.getheader("Allow") == "GET"
-    assert body == (b"" if method == "HEAD" else b"method not allowed\n")
+    assert response.getheader("Allow") == "GET, HEAD"
+    assert body == b"method not allowed\n"
 
 
 def test_metrics_render_failure_is_500(server, daemon):
     def broken():
         raise RuntimeError("boom")
-    daemon.metrics.render = broken
+    daemon.metrics.exposition = broken
     assert get(server, "/metrics").status_code == 500
     assert get(server, "/healthz").status_code == 200  # the server lives on
 

@@ -344,7 +344,7 @@ def test_native_sidecar(helm, helm_env):
     field, ts = _tokensmith_container(pod)
     assert field == "initContainers"
     assert ts["restartPolicy"] == "Always"
-    assert ts["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert ts["startupProbe"]["httpGet"]["path"] == "/readyz?strict=1"  # every client has its token
     assert ts["startupProbe"]["httpGet"]["port"] == ts["ports"][0]["name"]
     assert [c["name"] for c in pod["containers"]] == ["app"]
 
@@ -373,7 +373,7 @@ def test_classic_sidecar(helm, helm_env):
     assert field == "containers"
     assert "restartPolicy" not in ts
     assert "initContainers" not in pod
-    assert ts["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert ts["startupProbe"]["httpGet"]["path"] == "/readyz?strict=1"  # every client has its token
     assert sorted(c["name"] for c in pod["containers"]) == ["app", "tokensmith"]
     tokens = _volume(pod, _mount_for(ts, "/var/run/tokens/x")["name"])
     assert tokens["emptyDir"]["medium"] == "Memory"

@@ -2,6 +2,7 @@
 distinctive secrets, and grep every log line, output, status, audit line and metrics page."""
 
 import json
+import re
 import signal
 
 import pytest
@@ -69,7 +70,7 @@ def test_no_secret_or_token_appears_in_any_output(tmp_path, server, report):
         assert "tokensmith_refresh_failures_total" in outputs[-3]
         project.config.write_text(project.config.read_text().replace("min_lead: 0", "min_lead: 0.1"))
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: "client_changed" in daemon.log, timeout=5)
+        wait_for(lambda: re.search(r"config reloaded: .*, [1-9]\d* changed", daemon.log), timeout=5)
         cli("status", "--json")
     finally:
         daemon.stop()

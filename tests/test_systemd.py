@@ -179,11 +179,11 @@ def test_directories():
     assert _one("DynamicUser") == "yes"
     assert _one("StateDirectory") == "tokensmith"
     assert _one("StateDirectoryMode") == "0700"
-    assert _one("RuntimeDirectory") == "tokensmith"
-    assert _one("RuntimeDirectoryMode") == "0750"
-    # Any other value moves the runtime dir under /run/private (0700 root)
-    # with DynamicUser=yes, where token consumers cannot reach it.
-    assert _one("RuntimeDirectoryPreserve") == "no"
+    # /run/tokensmith is not a RuntimeDirectory= (removed on every stop, so a
+    # restart would delete valid tokens; with DynamicUser=yes a preserved one
+    # hides under /run/private): tmpfiles.d creates it, the unit may write it.
+    assert _values("RuntimeDirectory") == [] and _values("RuntimeDirectoryPreserve") == []
+    assert _one("ReadWritePaths") == "/run/tokensmith"
     assert _one("ConfigurationDirectory") == "tokensmith"
     assert _one("UMask") == "0077"
 
@@ -368,7 +368,10 @@ def test_syscall_filter_and_wx_allow_python(systemd_analyze, tmp_path):
 # --- tmpfiles.d / sysusers.d ------------------------------------------------------
 
 
-def test_tmpfiles_creates_config_dir(tmp_path):
+def test_tmpfiles_creates_config_and_runtime_dirs(tmp_path):
+    (tmp_path / "etc").mkdir()
+    users = _run([_tool("systemd-sysusers"), f"--root={tmp_path}", str(SYSUSERS)])  # the owner it names
+    assert users.returncode == 0, users.stdout + users.stderr
     tool = _tool("systemd-tmpfiles")
     result = _run([tool, f"--root={tmp_path}", "--create", str(TMPFILES)])
     assert result.returncode == 0, result.stdout + result.stderr
@@ -376,8 +379,14 @@ def test_tmpfiles_creates_config_dir(tmp_path):
     conf_dir = tmp_path / "etc" / "tokensmith"
     assert conf_dir.is_dir()
     assert conf_dir.stat().st_mode & 0o7777 == 0o755
-    # State and runtime dirs belong to the unit (dynamic owner), never here.
-    assert not (tmp_path / "var").exists() and not (tmp_path / "run").exists()
+    # /run/tokensmith outlives restarts: owned by the static user, group-readable for consumers
+    uid = next(int(line.split(":")[2]) for line in (tmp_path / "etc" / "passwd").read_text().splitlines()
+               if line.startswith("tokensmith:"))
+    run_dir = tmp_path / "run" / "tokensmith"
+    assert run_dir.stat().st_mode & 0o7777 == 0o750
+    assert (run_dir.stat().st_uid, run_dir.stat().st_gid) == (uid, uid)
+    # The state dir belongs to the unit (StateDirectory=), never here.
+    assert not (tmp_path / "var").exists()
 
 
 def test_sysusers_creates_static_user_and_group(tmp_path):

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import boto3
-import botocore.exceptions as boto_exc
-from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
-from botocore.config import Config
+from tokensmith.errors import ConfigError, TokensmithError
+
+try:
+    import boto3
+    import botocore.exceptions as boto_exc
+    from botocore.awsrequest import AWSHTTPConnectionPool, AWSHTTPSConnectionPool
+    from botocore.config import Config
+except ImportError as exc:  # a file- or Vault-only install
+    raise ConfigError("the config uses AWS Secrets Manager but boto3 is not installed: "
+                      "pip install 'tokensmith[aws]'") from exc
 
 from tokensmith.config import AwsConfig
 from tokensmith.deadline import limit, watched_pool_classes
-from tokensmith.errors import ConfigError, TokensmithError
 
 RETRYABLE_CODES = {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
                    "RequestThrottled", "SlowDown", "InternalServiceError", "InternalServiceErrorException",

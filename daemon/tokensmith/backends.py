@@ -3,6 +3,7 @@ when a config uses them and every client of one daemon shares one authenticated 
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,21 @@ from tokensmith.errors import ConfigError
 if TYPE_CHECKING:
     from tokensmith.config import Settings
     from tokensmith.vault import VaultClient
+
+
+EXTRAS = {"vault": ("hvac", "Vault/OpenBao"), "aws": ("boto3", "AWS Secrets Manager")}
+
+
+def check_extras(settings: "Settings") -> None:
+    """A backend the config uses whose library is not installed: one line naming the extra to install."""
+    from tokensmith.config import backend_types
+
+    used = set().union(*(backend_types(client) for client in settings.clients))
+    for kind in sorted(used & EXTRAS.keys()):
+        module, what = EXTRAS[kind]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"the config uses {what} but {module} is not installed: "
+                              f"pip install 'tokensmith[{kind}]'")
 
 
 class Backends:

@@ -449,18 +449,10 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "Settings":
-        seen: set[str] = set()
-        for client in self.clients:
-            if client.name in seen:
-                raise ValueError(f"client name {client.name!r} is used twice; names must be unique")
-            seen.add(client.name)
-        paths: dict[Path, str] = {}
-        for client in self.clients:
-            for sink in client.sinks:
-                if isinstance(sink, FileSinkConfig):
-                    if sink.path in paths:
-                        raise ValueError(f"file sink {sink.path} is written by both {paths[sink.path]} and {client.name}")
-                    paths[sink.path] = client.name
+        problems = cross_field_problems([(client.name, [str(sink.path) for sink in client.sinks
+                                                        if isinstance(sink, FileSinkConfig)],
+                                          "vault" in backend_types(client)) for client in self.clients],
+                                        self.vault is not None)
         secret_env = {client.source.prefix + getattr(client.source.keys, key).upper()
                       for client in self.clients if isinstance(client.source, EnvSourceConfig)
                       for key in KeyMap.model_fields}
@@ -468,13 +460,12 @@ class Settings(BaseModel):
             for hook in client.hooks:
                 passed = secret_env & set(getattr(hook, "pass_env", ()))
                 if passed:
-                    raise ValueError(f"client {client.name}: a hook's pass_env names {', '.join(sorted(passed))}, "
-                                     "which an env credential source reads; credentials are never passed to a hook")
-        users = [client.name for client in self.clients if "vault" in backend_types(client)]
-        if users and self.vault is None:
-            raise ValueError(f"client(s) {', '.join(users)} use Vault but the top-level vault section is missing")
+                    problems.append(f"client {client.name}: a hook's pass_env names {', '.join(sorted(passed))}, "
+                                    "which an env credential source reads; credentials are never passed to a hook")
         if self.state.type == "vault" and self.vault is None:
-            raise ValueError("state type vault needs the top-level vault section (address and auth)")
+            problems.append("state type vault needs the top-level vault section (address and auth)")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -492,6 +483,46 @@ class Settings(BaseModel):
         raise KeyError(name)
 
 
+def cross_field_problems(clients: list[tuple[str, list[str], bool]], has_vault: bool) -> list[str]:
+    """Checks across clients, every problem found: (name, file sink paths, uses Vault) per client, from
+    the validated models or, when validation failed elsewhere, from the raw config data."""
+    problems = []
+    first: dict[str, int] = {}
+    for index, (name, _, _) in enumerate(clients):
+        if name in first:
+            problems.append(f"clients[{first[name]}] and clients[{index}] are both named {name!r}; "
+                            f"names must be unique")
+        else:
+            first[name] = index
+    paths: dict[str, str] = {}
+    for name, sink_paths, _ in clients:
+        for path in sink_paths:
+            if path in paths and paths[path] != name:
+                problems.append(f"file sink {path} is written by both {paths[path]} and {name}")
+            paths.setdefault(path, name)
+    users = [name for name, _, uses_vault in clients if uses_vault]
+    if users and not has_vault:
+        problems.append(f"client(s) {', '.join(users)} use Vault but the top-level vault section is missing")
+    return problems
+
+
+def raw_cross_field_problems(data: Any) -> list[str]:
+    """cross_field_problems on config data that did not validate (a field error elsewhere must not
+    hide a duplicate name)."""
+    if not isinstance(data, dict) or not isinstance(data.get("clients"), list):
+        return []
+    clients = []
+    for item in data["clients"]:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            continue
+        sinks = item.get("sinks") if isinstance(item.get("sinks"), list) else []
+        paths = [str(Path(str(sink["path"]))) for sink in sinks
+                 if isinstance(sink, dict) and sink.get("type") == "file" and sink.get("path")]
+        types = {part.get("type") for part in [item.get("source"), *sinks] if isinstance(part, dict)}
+        clients.append((item["name"], paths, "vault" in types))
+    return cross_field_problems(clients, isinstance(data.get("vault"), dict))
+
+
 def backend_types(client: ClientConfig) -> set[str]:
     return {client.source.type} | {sink.type for sink in client.sinks}
 
@@ -503,7 +534,8 @@ def _parse_env_value(raw: str) -> Any:
         return raw
 
 
-def _set_path(tree: Any, path: list[str], value: Any, var: str) -> None:
+def _set_path(tree: Any, path: list[str], value: Any, var: str, where: tuple = ()) -> tuple:
+    """Set the value; returns where it went, as a pydantic error location (list indexes as ints)."""
     head, rest = path[0], path[1:]
     if isinstance(tree, list):
         if head.isdigit():
@@ -519,19 +551,18 @@ def _set_path(tree: Any, path: list[str], value: Any, var: str) -> None:
             index = names.index(wanted)
         if not rest:
             tree[index] = value
-        else:
-            if not isinstance(tree[index], dict):
-                tree[index] = {}
-            _set_path(tree[index], rest, value, var)
-        return
+            return where + (index,)
+        if not isinstance(tree[index], dict):
+            tree[index] = {}
+        return _set_path(tree[index], rest, value, var, where + (index,))
     key = head.lower()
     if not rest:
         tree[key] = value
-        return
+        return where + (key,)
     child = tree.get(key)
     if not isinstance(child, (dict, list)):
         child = tree[key] = {}
-    _set_path(child, rest, value, var)
+    return _set_path(child, rest, value, var, where + (key,))
 
 
 def ignored_env(environ: dict[str, str]) -> list[str]:
@@ -541,18 +572,21 @@ def ignored_env(environ: dict[str, str]) -> list[str]:
                   and var[len(ENV_PREFIX):].split("__")[0].lower() not in Settings.model_fields)
 
 
-def apply_env_overrides(data: dict, environ: dict[str, str]) -> dict:
+def apply_env_overrides(data: dict, environ: dict[str, str], origins: dict | None = None) -> dict:
+    """origins, when given, collects {error location: variable} so errors can name the variable."""
     skip = set(ignored_env(environ))
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV or var in skip:
             continue
         path = [part for part in var[len(ENV_PREFIX):].split("__") if part]
         if path:
-            _set_path(data, path, _parse_env_value(environ[var]), var)
+            where = _set_path(data, path, _parse_env_value(environ[var]), var)
+            if origins is not None:
+                origins[where] = var
     return data
 
 
-def read_config_data(path: Path | None, environ: dict[str, str] | None = None) -> dict:
+def read_config_data(path: Path | None, environ: dict[str, str] | None = None, origins: dict | None = None) -> dict:
     environ = dict(os.environ if environ is None else environ)
     if path is None and environ.get(CONFIG_ENV):
         path = Path(environ[CONFIG_ENV])
@@ -573,7 +607,7 @@ def read_config_data(path: Path | None, environ: dict[str, str] | None = None) -
             raise ConfigError(f"config file {path} is not valid YAML{where}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return apply_env_overrides(data, environ)
+    return apply_env_overrides(data, environ, origins)
 
 
 HINTS = {
@@ -587,10 +621,13 @@ HINTS = {
 }
 
 
-def describe_errors(exc: ValidationError, data: Any) -> list[str]:
-    """One line per problem: the field path (with client names), the message, a hint. No input values."""
+def describe_errors(exc: ValidationError, data: Any, origins: dict | None = None) -> list[str]:
+    """One line per problem: the field path (with client names), the message, a hint, and the
+    TOKENSMITH_* variable that set the field. No input values."""
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
+        loc = tuple(err["loc"])
+        variable = next((var for where, var in (origins or {}).items() if loc[:len(where)] == where), None)
         parts: list[str] = []
         node = data
         for loc in err["loc"]:
@@ -607,19 +644,26 @@ def describe_errors(exc: ValidationError, data: Any) -> list[str]:
                     continue
                 parts.append(("." if parts else "") + str(loc))
                 node = node.get(loc) if isinstance(node, dict) else None
-        where = "".join(parts) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
+        where = "".join(parts)
         hint = HINTS.get(err["type"])
-        lines.append(f"{where}: {message}" + (f" (hint: {hint})" if hint else ""))
+        for message in err["msg"].removeprefix("Value error, ").split("\n"):
+            line = f"{where}: {message}" if where else message
+            if variable:
+                line += f" (set by {variable})"
+            lines.append(line + (f" (hint: {hint})" if hint else ""))
     return lines
 
 
 def load_settings(path: Path | str | None = None, environ: dict[str, str] | None = None) -> Settings:
-    data = {str(key): value for key, value in read_config_data(Path(path) if path else None, environ).items()}
+    origins: dict = {}
+    data = {str(key): value for key, value in read_config_data(Path(path) if path else None, environ,
+                                                               origins).items()}
     try:
         return Settings(**data)
     except ValidationError as exc:
-        problems = describe_errors(exc, data)
+        problems = describe_errors(exc, data, origins)
+        if not any(err["loc"] == () for err in exc.errors(include_input=False, include_url=False)):
+            problems += raw_cross_field_problems(data)  # checks a field error stopped before they ran
         error = ConfigError(f"{len(problems)} problem(s) in config: " + "; ".join(problems))
         error.problems = problems
         raise error from None

@@ -29,6 +29,11 @@ STUCK_GRACE = 30.0
 FIRST_RUNS_HEAD_START = 0.5
 
 
+class InUse(TokensmithError):
+    """Another daemon holds the state directory or the control socket, or the health port is taken
+    (`run` exits 9: a restart a few seconds later would meet the same holder)."""
+
+
 def release_freed_memory() -> None:
     """Parsing and validating a large config leaves freed heap behind; hand it back to the OS
     (glibc only), so resident memory reflects what the clients really keep."""
@@ -38,6 +43,14 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def reload_summary(added: list[str], removed: list[str], changed: list[str], total: int) -> str:
+    def part(what: str, names: list[str]) -> str:
+        shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+        return f"{len(names)} {what}" + (f" ({shown})" if names else "")
+
+    return f"{part('added', added)}, {part('removed', removed)}, {part('changed', changed)}; {total} clients"
 
 
 def utc(timestamp: float) -> datetime:
@@ -77,7 +90,7 @@ class Daemon:
 
     # ---- construction
 
-    def make_keeper(self, client) -> Keeper:
+    def make_keeper(self, client, *, load: bool = True) -> Keeper:
         source = build_source(client, self.backends)
         sinks = build_sinks(client, self.backends)
         keeper = Keeper(client, source, sinks, TokenClient(client, self.session, self.clock), self.store,
@@ -86,19 +99,25 @@ class Daemon:
             keeper.check_sinks()
         except SinkError as exc:  # a sink that can never work is a config error (exit 78)
             raise ConfigError(str(exc), client=None) from exc
-        keeper.load()
+        if load:
+            keeper.load()
         return keeper
 
     def build(self) -> None:
+        from tokensmith.backends import check_extras
+
+        check_extras(self.settings)  # a backend library not installed: one line naming the extra
         self.store.prepare()
         if self.serve:
             self._daemon_lock_fd = self.store.try_daemon_lock()
             if self._daemon_lock_fd is None:
-                raise ConfigError(f"another tokensmith daemon already uses state directory {self.settings.state_dir}")
+                raise InUse(f"another tokensmith daemon already uses state directory {self.settings.state_dir}")
         if self.metrics is None and self.serve:
             from tokensmith.metrics import Metrics
 
             self.metrics = Metrics(keepers=lambda: self.keepers)
+        if self.metrics is not None and hasattr(self.metrics, "reloaded"):
+            self.metrics.reloaded(True, self.clock())  # the config in force, and since when
         for client in self.settings.clients:
             self.keepers[client.name] = self.make_keeper(client)
         if self.serve:
@@ -265,10 +284,22 @@ class Daemon:
     def not_ready(self) -> list[str]:
         return [name for name, keeper in list(self.keepers.items()) if not keeper.ready()]
 
+    def serving(self) -> bool:
+        """Readiness (/readyz): the daemon runs and its scheduler is alive. Whether each client has a
+        token is for metrics, status and alerts (and /readyz?strict=1)."""
+        if self.stop_event.is_set() or self.scheduler is None or not self.scheduler.running:
+            return False
+        thread = getattr(self.scheduler, "_thread", None)
+        return thread is None or thread.is_alive()
+
     def wait_first_tokens(self, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
         missing = list(self.keepers)
         while time.monotonic() < deadline and not self.stop_event.is_set():
+            if self.reload_requested.is_set():  # a SIGHUP during start-up is applied now, not after ready_timeout
+                self.reload_requested.clear()
+                self.reload()
+                missing = list(self.keepers)
             # only the clients still missing are looked at again (a full pass costs ~20 ms at 5,000 clients)
             keepers = self.keepers
             missing = [name for name in missing if name in keepers and not keepers[name].ready()]
@@ -286,6 +317,8 @@ class Daemon:
                 settings = load_settings(self.config_path)
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc, extra={"event": "reload_failed"})
+                if self.metrics is not None and hasattr(self.metrics, "reloaded"):
+                    self.metrics.reloaded(False, self.clock())
                 return False
             new = {client.name: client for client in settings.clients}
             changed_globals = (settings.vault != self.settings.vault or settings.aws != self.settings.aws)
@@ -296,12 +329,16 @@ class Daemon:
                 for name, client in new.items():
                     current = self.keepers.get(name)
                     if current is None or current.client != client or changed_globals:
-                        fresh[name] = self.make_keeper(client)
+                        # a replaced client's state is loaded once, below, under the old keeper's lock
+                        fresh[name] = self.make_keeper(client, load=current is None)
             except TokensmithError as exc:
                 log.error("reload refused, keeping the running config: %s", exc, extra={"event": "reload_failed"})
+                if self.metrics is not None and hasattr(self.metrics, "reloaded"):
+                    self.metrics.reloaded(False, self.clock())
                 return False
             self.settings = settings
-            for name in [name for name in self.keepers if name not in new]:
+            removed = [name for name in self.keepers if name not in new]
+            for name in removed:
                 keeper = self.keepers.pop(name)
                 with keeper.lock:
                     pass
@@ -312,18 +349,29 @@ class Daemon:
                         pass
                 if self.metrics is not None and hasattr(self.metrics, "forget"):
                     self.metrics.forget(name)
-                log.info("client removed", extra={"client": name, "event": "client_removed"})
+                log.debug("client removed", extra={"client": name, "event": "client_removed"})
+            added, changed = [], []
             for name, keeper in fresh.items():
                 old = self.keepers.get(name)
                 if old is not None:
                     with old.lock:  # let a refresh in flight finish, then take over its state
                         keeper.load()
                         keeper.creds = None
+                        # a sink whose settings changed (mode, group, format) is written again now
+                        before = {sink.name: getattr(sink, "config", None) for sink in old.sinks}
+                        for sink in keeper.sinks:
+                            if sink.name in before and before[sink.name] != getattr(sink, "config", None):
+                                keeper.state.sinks_written.pop(sink.name, None)
                 self.keepers[name] = keeper
                 if self.scheduler is not None:
                     self._add_job(name, keeper)
-                log.info("client %s", "changed" if old else "added",
-                         extra={"client": name, "event": "client_changed" if old else "client_added"})
+                (changed if old else added).append(name)
+                log.debug("client %s", "changed" if old else "added",
+                          extra={"client": name, "event": "client_changed" if old else "client_added"})
+            log.info("config reloaded: %s", reload_summary(added, removed, changed, len(self.keepers)),
+                     extra={"event": "reloaded"})
+            if self.metrics is not None and hasattr(self.metrics, "reloaded"):
+                self.metrics.reloaded(True, self.clock())
             return True
 
     # ---- servers and the main loop
@@ -333,15 +381,32 @@ class Daemon:
         from tokensmith.sdnotify import Notifier
 
         self.notifier = Notifier()
-        self.control = ControlServer(self.settings, self)
-        self.control.start()
+        control = ControlServer(self.settings, self)
+        try:
+            control.start()
+        except RuntimeError as exc:  # another daemon answers on the socket
+            raise InUse(str(exc)) from exc
+        self.control = control
 
     def _start_health(self) -> None:
+        import errno
+
         if self.settings.health.enabled:
             from tokensmith.health import HealthServer
 
-            self.health = HealthServer(self.settings.health.listen, self)
-            self.health.start()
+            listen = self.settings.health.listen
+            health = HealthServer(listen, self)
+            try:
+                health.start()
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+            except OSError as exc:
+                reason = exc.strerror or type(exc).__name__
+                if exc.errno == errno.EADDRINUSE:
+                    raise InUse(f"health.listen {listen}: address already in use (another process listens "
+                                f"there; change health.listen or stop it)") from exc
+                raise ConfigError(f"health.listen {listen}: {reason}") from exc
+            self.health = health
 
     def handle_signals(self) -> None:
         """Before start(): a first token can be in its sink before run_forever begins."""

@@ -1,5 +1,7 @@
-"""The health endpoint: GET /healthz (liveness), /readyz (every client has a valid token in all its
-sinks) and /metrics (Prometheus exposition), on a small stdlib HTTP server in a daemon thread.
+"""The health endpoint: GET or HEAD /healthz (liveness), /readyz (serving: the daemon runs and its
+scheduler is alive; /readyz?strict=1: every client has a valid token in all its sinks, for a
+sidecar's startup probe) and /metrics (Prometheus exposition), on a small stdlib HTTP server in a
+daemon thread.
 
 Bodies carry only "ok", "ready", client names and metric text: never a token or a secret.
 
@@ -20,7 +22,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 log = logging.getLogger("tokensmith.health")
 
@@ -58,7 +60,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.handle_one_request()
 
     def do_GET(self):
-        path = urlsplit(self.path).path
+        url = urlsplit(self.path)
+        path = url.path
         daemon = self.daemon
         if path == "/healthz":
             try:
@@ -67,6 +70,13 @@ class _Handler(BaseHTTPRequestHandler):
                 log.exception("health check raised")
                 healthy = False
             self._send(200 if healthy else 503, b"ok\n" if healthy else b"unhealthy\n")
+        elif path == "/readyz" and parse_qs(url.query).get("strict", ["0"])[-1] in ("0", "false", ""):
+            try:
+                serving = bool(daemon.serving())
+            except Exception:
+                log.exception("readiness check raised")
+                serving = False
+            self._send(200 if serving else 503, b"ready\n" if serving else b"not ready: not serving\n")
         elif path == "/readyz":
             try:
                 waiting = [str(name) for name in daemon.not_ready()]
@@ -83,22 +93,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, f"not ready: {names}\n".encode())
         elif path == "/metrics":
             try:
-                body, content_type = daemon.metrics.render()
+                body, headers = daemon.metrics.exposition(self.headers.get("Accept"),
+                                                          self.headers.get("Accept-Encoding"))
             except Exception:
                 log.exception("rendering metrics failed")
                 self._send(500, b"metrics unavailable\n")
                 return
-            self._send(200, body, content_type)
+            self._send(200, body, headers.pop("Content-Type"), extra=headers)
         else:
             self._send(404, b"not found\n")
+
+    do_HEAD = do_GET  # _send leaves the body out
 
     def _not_allowed(self):
         # any request body is left unread, so the connection cannot be reused
         self.close_connection = True
-        self._send(405, b"method not allowed\n", extra={"Allow": "GET", "Connection": "close"})
+        self._send(405, b"method not allowed\n", extra={"Allow": "GET, HEAD", "Connection": "close"})
 
     def __getattr__(self, name):
-        # BaseHTTPRequestHandler looks up do_<METHOD>: every method but GET gets a 405 (not 501)
+        # BaseHTTPRequestHandler looks up do_<METHOD>: every method but GET and HEAD gets a 405 (not 501)
         if name.startswith("do_"):
             return self._not_allowed
         raise AttributeError(name)

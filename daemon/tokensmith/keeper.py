@@ -35,6 +35,7 @@ class NullMetrics:
     def refresh_attempt(self, client, grant): pass
     def refresh_result(self, client, ok, reason, seconds, token): pass
     def sink_failure(self, client, sink_type): pass
+    def sink_success(self, client, sink, when): pass
 
 
 @dataclass
@@ -350,7 +351,7 @@ class Keeper:
         if isinstance(exc, TokenEndpointError) and exc.error == "invalid_client":
             level = logging.CRITICAL
             self.state.alert = "invalid_client: the provider rejected the client secret; rotate it in the source"
-        self.metrics.refresh_result(self.name, False, reason, seconds, None)
+        self.metrics.refresh_result(self.name, False, exc, seconds, None)  # the error: its HTTP status too
         remaining = self.state.expires_at - self.clock() if self.state.access_token else 0
         log.log(level, "refresh failed (attempt %d, retry in %.1fs, current token valid for %.0fs more): %s",
                 self.failures, delay, max(remaining, 0), exc.message,
@@ -387,6 +388,7 @@ class Keeper:
                 continue
             outcome.sinks[sink.name] = None
             written[sink.name] = current
+            self.metrics.sink_success(self.name, sink.name, self.clock())
             unrecorded = unrecorded or not hasattr(sink, "holds")
         if failed:
             self.sink_failures += 1

@@ -1,11 +1,13 @@
 """Prometheus metrics for /metrics, on a registry of our own (never the process-global one), so
 tests and config reloads can build a fresh Metrics without "Duplicated timeseries" errors.
 
-Labels carry only client names, grant names, bounded reason codes, sink types and results:
-never a token, a secret or a fingerprint. Reasons come partly from the token endpoint's
-`error` field, which a provider controls, so they are clamped to a fixed vocabulary ("other"
-for anything else) to keep cardinality bounded. Series are created lazily, on first use, so an
-idle client costs only the series it has actually produced (memory: 5,000 clients).
+Labels carry only client names, grant names, bounded reason codes, sink types and names, and
+results: never a token, a secret or a fingerprint. Reasons come partly from the token endpoint's
+`error` field, which a provider controls, so they are clamped to a fixed vocabulary (an unknown
+code becomes the response's `http_<status>`, else "other") to keep cardinality bounded. Series are
+created lazily, on first use, so an idle client costs only the series it has actually produced
+(memory: 5,000 clients). The refresh-duration histogram has no client label: 13 series per client
+would be about 65k series at 5,000 clients; per-client health is in the gauges and counters.
 
 Per-client gauges (expiry, validity, readiness, consecutive failures) are not stored at all:
 a custom collector computes them at scrape time from the live keepers.
@@ -14,6 +16,7 @@ a custom collector computes them at scrape time from the live keepers.
 from __future__ import annotations
 
 import logging
+import platform
 import re
 import sys
 import threading
@@ -24,6 +27,7 @@ from typing import Callable, Mapping
 # prometheus_client (~0.1 s of imports, ~2 MB) is loaded on the first scrape, not at start-up:
 # recording a refresh needs none of it.
 
+from tokensmith import __version__
 from tokensmith.errors import TokensmithError
 
 log = logging.getLogger("tokensmith.metrics")
@@ -62,8 +66,15 @@ _error_classes = _error_class_names()
 
 
 def reason_label(reason) -> str:
-    """Clamp a failure reason to a bounded vocabulary; unknown values become "other"."""
+    """Clamp a failure reason (a code, or the error itself) to a bounded vocabulary: an OAuth code
+    a provider made up becomes http_<status> when the status is known, anything else "other"."""
     global _error_classes
+    if isinstance(reason, BaseException):
+        error, status = getattr(reason, "error", None), getattr(reason, "status", None)
+        label = reason_label(error or getattr(reason, "reason", None) or type(reason).__name__)
+        if label == OTHER and isinstance(status, int) and 100 <= status <= 599:
+            return sys.intern(f"http_{status}")
+        return label
     text = str(reason or "")
     if text in KNOWN_REASONS or _HTTP_REASON.fullmatch(text) or text in _error_classes:
         return sys.intern(text)  # one shared string per code, not one per client
@@ -129,10 +140,14 @@ class KeeperCollector:
         return [expiry, validity, ready, failures]
 
 
-class _Series:
-    """One client's counters and duration histogram: plain numbers, no per-series lock or object."""
+def _histogram() -> array:
+    return array("d", bytes(8 * (len(DURATION_BUCKETS) + 2)))  # per-bucket counts, +Inf, sum
 
-    __slots__ = ("attempts", "successes", "failures", "sinks", "compromises", "durations")
+
+class _Series:
+    """One client's counters: plain numbers, no per-series lock or object."""
+
+    __slots__ = ("attempts", "successes", "failures", "sinks", "compromises", "sink_success")
 
     def __init__(self):
         self.attempts: dict[str, int] = {}
@@ -140,7 +155,7 @@ class _Series:
         self.failures: dict[str, int] | None = None
         self.sinks: dict[str, int] | None = None
         self.compromises: dict[str, int] | None = None
-        self.durations = array("d", bytes(8 * (len(DURATION_BUCKETS) + 2)))  # per-bucket counts, +Inf, sum
+        self.sink_success: dict[str, float] | None = None  # sink name -> time of its last good write
 
 
 def _bump(table: dict | None, key: str) -> dict:
@@ -165,6 +180,8 @@ class Metrics:
         self._registry_lock = threading.Lock()
         self._lock = threading.Lock()
         self._series: dict[str, _Series] = {}
+        self._durations = {"ok": _histogram(), "failed": _histogram()}  # by result, for every client
+        self._reload: tuple[bool, float | None] = (True, None)  # last reload ok, time of the last good one
 
     @property
     def registry(self):
@@ -202,20 +219,33 @@ class Metrics:
         label = None if ok else reason_label(reason)
         seconds = max(float(seconds), 0.0)
         slot = bisect_left(DURATION_BUCKETS, seconds)  # le semantics: a value equal to a bound is in it
+        durations = self._durations["ok" if ok else "failed"]
         with self._lock:
             series = self._client(client)
             if ok:
                 series.successes += 1
             else:
                 series.failures = _bump(series.failures, label)
-            series.durations[slot] += 1
-            series.durations[-1] += seconds
+            durations[slot] += 1
+            durations[-1] += seconds
 
     def sink_failure(self, client: str, sink_type: str) -> None:
         label = code_label(sink_type)
         with self._lock:
             series = self._client(client)
             series.sinks = _bump(series.sinks, label)
+
+    def sink_success(self, client: str, sink: str, when: float) -> None:
+        with self._lock:
+            series = self._client(client)
+            if series.sink_success is None:
+                series.sink_success = {}
+            series.sink_success[sys.intern(str(sink))] = float(when)
+
+    def reloaded(self, ok: bool, when: float) -> None:
+        """The outcome of loading the config (start-up counts as the first successful load)."""
+        with self._lock:
+            self._reload = (bool(ok), float(when) if ok else self._reload[1])
 
     def compromise_rotation(self, client: str, result: str) -> None:
         label = code_label(result)
@@ -236,6 +266,21 @@ class Metrics:
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
+    def exposition(self, accept: str | None = None, accept_encoding: str | None = None) -> tuple[bytes, dict]:
+        """The scrape body and its headers, negotiated with prometheus-client's own encoders: OpenMetrics
+        when the scraper asks for it, gzip when it accepts it."""
+        import gzip
+
+        from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+        encoder, content_type = choose_encoder(accept or "")
+        body = encoder(self.registry)
+        headers = {"Content-Type": content_type, "Vary": "Accept, Accept-Encoding"}
+        if gzip_accepted(accept_encoding or ""):
+            body = gzip.compress(body, compresslevel=6)
+            headers["Content-Encoding"] = "gzip"
+        return body, headers
+
     def sample(self, name: str, labels: dict | None = None) -> float | None:
         """One sample's value by its exposed name (e.g. tokensmith_refresh_success_total); for tests and status."""
         return self.registry.get_sample_value(name, labels or {})
@@ -249,7 +294,7 @@ class _SeriesCollector:
         return []
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         from prometheus_client.utils import floatToGoString
 
         attempts = CounterMetricFamily(f"{PREFIX}_refresh_attempts", "Token requests made, by grant",
@@ -258,8 +303,17 @@ class _SeriesCollector:
                                         "Refreshes that obtained and stored a new token", labels=["client"])
         failures = CounterMetricFamily(f"{PREFIX}_refresh_failures", "Refreshes that failed, by reason code",
                                        labels=["client", "reason"])
-        duration = HistogramMetricFamily(f"{PREFIX}_refresh_duration_seconds", "Time a refresh took, success or not",
-                                         labels=["client"])
+        duration = HistogramMetricFamily(f"{PREFIX}_refresh_duration_seconds",
+                                         "Time a refresh took, every client, by result", labels=["result"])
+        sink_success = GaugeMetricFamily(f"{PREFIX}_sink_last_success_timestamp_seconds",
+                                         "Unix time of the last successful write to the sink", labels=["client", "sink"])
+        build = GaugeMetricFamily(f"{PREFIX}_build_info", "tokensmith's version and Python's (always 1)",
+                                  labels=["version", "python"])
+        build.add_metric([__version__, platform.python_version()], 1.0)
+        reload_ok = GaugeMetricFamily(f"{PREFIX}_config_last_reload_successful",
+                                      "1 when the last config load (start-up or SIGHUP) succeeded")
+        reload_at = GaugeMetricFamily(f"{PREFIX}_config_last_reload_success_timestamp_seconds",
+                                      "Unix time of the last successful config load")
         sinks = CounterMetricFamily(f"{PREFIX}_sink_write_failures", "Failed writes of a token to a sink",
                                     labels=["client", "sink_type"])
         compromises = CounterMetricFamily(f"{PREFIX}_compromise_rotations",
@@ -269,18 +323,27 @@ class _SeriesCollector:
         metrics = self.metrics
         with metrics._lock:  # copy out quickly; the families are built without holding up the keepers
             snapshot = [(client, dict(s.attempts), s.successes, dict(s.failures or {}), dict(s.sinks or {}),
-                         dict(s.compromises or {}), s.durations.tolist()) for client, s in metrics._series.items()]
-        for client, attempted, succeeded, failed, sinks_failed, compromised, counts in snapshot:
+                         dict(s.compromises or {}), dict(s.sink_success or {}))
+                        for client, s in metrics._series.items()]
+            histograms = {result: counts.tolist() for result, counts in metrics._durations.items()}
+            reload_state = metrics._reload
+        reload_ok.add_metric([], 1.0 if reload_state[0] else 0.0)
+        if reload_state[1] is not None:
+            reload_at.add_metric([], reload_state[1])
+        for client, attempted, succeeded, failed, sinks_failed, compromised, written in snapshot:
             for grant, value in attempted.items():
                 attempts.add_metric([client, grant], value)
             successes.add_metric([client], succeeded)
             for table, family in ((failed, failures), (sinks_failed, sinks), (compromised, compromises)):
                 for label, value in table.items():
                     family.add_metric([client, label], value)
-            if any(counts[:-1]):
-                cumulative, buckets = 0.0, []
-                for bound, count in zip(bounds, counts):
-                    cumulative += count
-                    buckets.append((bound, cumulative))
-                duration.add_metric([client], buckets, counts[-1])
-        return [attempts, successes, failures, duration, sinks, compromises]
+            for sink, when in written.items():
+                sink_success.add_metric([client, sink], when)
+        for result, counts in histograms.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(bounds, counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            duration.add_metric([result], buckets, counts[-1])
+        families = [attempts, successes, failures, duration, sinks, compromises, sink_success, build, reload_ok]
+        return families + ([reload_at] if reload_state[1] is not None else [])

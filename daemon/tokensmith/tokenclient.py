@@ -162,6 +162,7 @@ class TokenClient:
 
     def _post(self, url: str, params: dict, creds: Credentials, *, dialect: str, what: str) -> tuple[Reply, bytes]:
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "tokensmith"}
+        endpoint = urlsplit(url)._replace(query="", fragment="").geturl()  # the configured URL, never a parameter
         self._auth(creds, params, headers)
         body = None
         if dialect == "json":
@@ -183,14 +184,16 @@ class TokenClient:
             raise TokenEndpointError(f"{what}: connection lost while reading the response", client=name,
                                      retryable=True, error="unreachable") from exc
         except (socket.timeout, TimeoutError) as exc:
-            raise TokenEndpointError(f"{what}: timed out, no complete response within {self.client.timeout:g}s",
+            raise TokenEndpointError(f"{what}: timed out, no complete response from {endpoint} within "
+                                     f"{self.client.timeout:g}s",
                                      client=name, retryable=True, error="timeout") from exc
         except (OSError, http.client.HTTPException) as exc:
             import ssl
 
             if isinstance(exc, ssl.SSLError):
                 raise TokenEndpointError(f"{what}: TLS verification failed", client=name, retryable=True) from exc
-            raise TokenEndpointError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", client=name,
+            reason = f"{type(exc).__name__}: {exc.strerror}" if getattr(exc, "strerror", None) else type(exc).__name__
+            raise TokenEndpointError(f"{what}: cannot reach {endpoint} ({reason})", client=name,
                                      retryable=True, error="unreachable") from exc
         if len(body) > MAX_BODY:
             raise TokenEndpointError(f"{what}: response larger than {MAX_BODY // 1024} KiB refused", client=name,

@@ -13,16 +13,21 @@ import json
 import threading
 from typing import Callable
 
-import hvac
-import requests
-import urllib3
-from hvac import exceptions as vault_exc
-from hvac.adapters import RawAdapter
-from requests.adapters import HTTPAdapter
+from tokensmith.errors import ConfigError, SinkError, SourceError, TokensmithError
+
+try:
+    import hvac
+    import requests
+    import urllib3
+    from hvac import exceptions as vault_exc
+    from hvac.adapters import RawAdapter
+    from requests.adapters import HTTPAdapter
+except ImportError as exc:  # a file- or AWS-only install
+    raise ConfigError("the config uses Vault/OpenBao but hvac is not installed: "
+                      "pip install 'tokensmith[vault]'") from exc
 
 from tokensmith.config import VaultConfig
 from tokensmith.deadline import limit, watched_pool_classes
-from tokensmith.errors import SinkError, SourceError, TokensmithError
 
 STATUS = {vault_exc.InvalidRequest: 400, vault_exc.Unauthorized: 401, vault_exc.Forbidden: 403,
           vault_exc.InvalidPath: 404, vault_exc.RateLimitExceeded: 429, vault_exc.InternalServerError: 500,

@@ -70,4 +70,6 @@ class FileSource:
                 raise SourceError(f"{where} is not valid JSON", client=self.client.name, retryable=False) from None
         else:
             data = parse_key_values(text)
+            if not data and any(": " in line for line in text.splitlines()):
+                where += " (it looks like YAML, which is not read: write a JSON object or KEY=value lines)"
         return credentials_from_mapping(data, self.client, where)

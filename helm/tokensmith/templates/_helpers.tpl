@@ -167,12 +167,12 @@ The tokensmith container. Call with (dict "root" $ "role" "central|native|classi
       containerPort: {{ $v.healthPort }}
       protocol: TCP
   {{- if ne $role "central" }}
-  # /readyz turns 200 once every client has its first token. For the native
-  # sidecar this gates the app containers; for the classic one it only
+  # /readyz?strict=1 turns 200 once every client has its first token. For the
+  # native sidecar this gates the app containers; for the classic one it only
   # delays liveness checks while the first tokens are fetched.
   startupProbe:
     httpGet:
-      path: /readyz
+      path: /readyz?strict=1
       port: http-metrics
     {{- toYaml $v.sidecar.startupProbe | nindent 4 }}
   {{- end }}
@@ -181,6 +181,8 @@ The tokensmith container. Call with (dict "root" $ "role" "central|native|classi
       path: /healthz
       port: http-metrics
     {{- toYaml $v.livenessProbe | nindent 4 }}
+  # /readyz: serving (the daemon runs, its scheduler is alive). One client
+  # without a token does not make the pod NotReady: that is for metrics/alerts.
   readinessProbe:
     httpGet:
       path: /readyz
