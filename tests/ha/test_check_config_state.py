@@ -19,7 +19,7 @@ VAULT = {"address": "https://vault.example:8200", "auth": {"method": "token", "t
 def check(tmp_path, config: dict) -> subprocess.CompletedProcess:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    return subprocess.run([sys.executable, "-m", "tokensmith", "check-config", "--config", str(path)],
+    return subprocess.run([sys.executable, "-m", "tokensmith", "check-config", "--config-only", "--config", str(path)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -31,13 +31,13 @@ def test_the_default_is_the_file_backend(tmp_path):
 
 def test_vault_state_needs_the_vault_section(tmp_path):
     result = check(tmp_path, {"state": {"type": "vault"}, "clients": [CLIENT]})
-    assert result.returncode == 2
+    assert result.returncode == 7
     assert "state type vault needs the top-level vault section" in result.stdout
 
 
 def test_dynamodb_state_needs_a_table(tmp_path):
     result = check(tmp_path, {"state": {"type": "dynamodb"}, "clients": [CLIENT]})
-    assert result.returncode == 2
+    assert result.returncode == 7
     assert "error: state.table: Field required" in result.stdout
 
 

@@ -51,7 +51,7 @@ class FakeDaemon:
         self.settings = SimpleNamespace(control_socket=tmp_path / "run" / "control.sock", control_socket_group=None,
                                         control_operators=[], audit_log_path=tmp_path / "audit.log")
         self.keepers = {}
-        self.metrics = SimpleNamespace(render=lambda: (b"", "text/plain"))
+        self.metrics = SimpleNamespace(exposition=lambda accept, encoding: (b"", {"Content-Type": "text/plain"}))
 
     def statuses(self):
         return []
@@ -283,18 +283,18 @@ def test_health_request_has_an_overall_deadline(health_server, monkeypatch):
 @pytest.mark.security(threat=LOCAL, claim="A /metrics client that resets its connection before the reply costs "
                                           "no traceback on stderr, and the endpoint keeps answering.")
 def test_a_reset_metrics_connection_prints_no_traceback(health_server, fake, capfd):
-    def slow_big():
+    def slow_big(accept, encoding):
         time.sleep(0.2)
-        return b"x" * (4 << 20), "text/plain"
+        return b"x" * (4 << 20), {"Content-Type": "text/plain"}
 
-    fake.metrics.render = slow_big
+    fake.metrics.exposition = slow_big
     for _ in range(2):
         sock = socket.create_connection(health_server.address, timeout=5)
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()  # a reset, while the reply is being made
     time.sleep(0.6)
-    fake.metrics.render = lambda: (b"ok", "text/plain")
+    fake.metrics.exposition = lambda accept, encoding: (b"ok", {"Content-Type": "text/plain"})
     assert requests.get(f"http://127.0.0.1:{health_server.address[1]}/metrics", timeout=5).status_code == 200
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err, err
