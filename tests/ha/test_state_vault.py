@@ -206,3 +206,20 @@ def test_a_record_an_operator_removed_is_created_again(tmp_path, vault_kv):
     store.save("billing", state(3))  # ... and its next save stores it again
     assert record(vault_kv, "billing")["metadata"]["version"] == 1
     assert backend(tmp_path / "b", vault_kv).load("billing") == state(3)
+
+
+
+def test_a_retried_write_whose_first_attempt_committed_is_not_a_conflict(tmp_path, vault_kv):
+    """A write can commit while its answer is lost (the active node dies, the deadline cuts the
+    reply); the retry then meets its own version and must not be reported as another writer."""
+    store = backend(tmp_path, vault_kv)
+    store.save("billing", state(1))
+    seen = store.versions["billing"]
+    store.save("billing", state(2))
+    store.versions["billing"] = seen  # as if the answer to that write had never arrived
+    store.save("billing", state(2))
+    assert store.versions["billing"] == seen + 1
+    assert record(vault_kv, "billing")["metadata"]["version"] == seen + 1
+    store.versions["billing"] = seen  # a different state on the same stale version is another writer's loss
+    with pytest.raises(StaleStateError):
+        store.save("billing", state(3))

@@ -131,10 +131,23 @@ class SharedStateStore:
         cas = self.versions.get(client, 0)
         version = self._write(client, encode(state, self.epoch), cas)
         if version is None:
-            _, now = self._read(client)
+            current, now = self._read(client)
+            if now == cas + 1 and self._is_own_write(current, state):
+                # this write committed but its acknowledgement was lost (a failover or a timeout in
+                # flight), and the retry met its own version: that is success, not another writer
+                self.versions[client] = now
+                return
             raise StaleStateError(f"another writer moved client {client} on (version {now}, this replica "
                                   f"last saw version {cas}); nothing was written", client=client)
         self.versions[client] = version
+
+    def _is_own_write(self, record: dict | None, state: ClientState) -> bool:
+        if not isinstance(record, dict) or record.get("epoch") != self.epoch:
+            return False
+        try:
+            return decode(record) == state
+        except (ValueError, TypeError, AttributeError):
+            return False
 
     @contextmanager
     def client_lock(self, client: str):
