@@ -1,0 +1,162 @@
+"""The leader lease against real stores (OpenBao's KV v2, moto's DynamoDB), with injected monotonic
+clocks: each candidate measures the lease on its own clock, as separate hosts would."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from fakes import FakeClock
+from tokensmith.leases import Elector, FencedError, LeaseLost, LeaseRecord
+
+TTL = 3.0
+MARGIN = 0.3
+
+
+def vault_lease(vault_kv):
+    from tokensmith.config import VaultConfig
+    from tokensmith.leases.vault import VaultLease
+    from tokensmith.vault import VaultClient
+
+    return lambda: VaultLease(VaultClient(VaultConfig(**vault_kv.vault_config())), "secret", vault_kv.prefix)
+
+
+def dynamo_lease(aws_env):
+    import boto3
+
+    from tokensmith.leases.dynamodb import DynamoLease
+
+    client = boto3.client("dynamodb", region_name=aws_env.region)
+    client.create_table(TableName="tokensmith", KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                        AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                        BillingMode="PAY_PER_REQUEST")
+    return lambda: DynamoLease(boto3.client("dynamodb", region_name=aws_env.region), "tokensmith")
+
+
+@pytest.fixture(params=["vault", "dynamodb"])
+def make_lease(request):
+    if request.param == "vault":
+        return vault_lease(request.getfixturevalue("vault_kv"))
+    return dynamo_lease(request.getfixturevalue("aws_env"))
+
+
+def candidate(make_lease, name):
+    clock = FakeClock(now=1000.0)
+    return Elector(make_lease(), name, ttl=TTL, margin=MARGIN, clock=clock, wall=lambda: 1.8e9), clock
+
+
+def test_first_candidate_acquires_epoch_one_and_renews(make_lease):
+    a, clock = candidate(make_lease, "a")
+    assert a.step() is True
+    assert a.is_leader and a.epoch == 1
+    assert a.remaining() == pytest.approx(TTL - MARGIN)
+    version = a.held.version
+    clock.advance(1.0)
+    assert a.step() is True  # renew
+    assert a.held.version > version and a.epoch == 1
+    assert a.remaining() == pytest.approx(TTL - MARGIN)  # validity counts from the renew request
+    stored = a.lease.read()
+    assert (stored.holder, stored.epoch, stored.ttl) == ("a", 1, TTL)
+
+
+def test_second_candidate_cannot_take_a_live_lease(make_lease):
+    a, clock_a = candidate(make_lease, "a")
+    b, clock_b = candidate(make_lease, "b")
+    assert a.step()
+    for _ in range(5):  # b watches for longer than a ttl in all, but a renews every second
+        clock_a.advance(1.0)
+        clock_b.advance(1.0)
+        assert a.step() is True
+        assert b.step() is False
+    assert not b.is_leader
+    with pytest.raises(FencedError, match="not the leader"):
+        b.check()
+    assert b.leader()["holder"] == "a"
+
+
+def test_lapsed_lease_is_taken_over_with_next_epoch_and_old_holder_is_deposed(make_lease):
+    a, clock_a = candidate(make_lease, "a")
+    b, clock_b = candidate(make_lease, "b")
+    assert a.step()
+    assert b.step() is False  # b first sees a's record now
+    clock_b.advance(TTL - 0.1)
+    assert b.step() is False  # unchanged, but not yet for a whole ttl on b's clock
+    clock_a.advance(TTL)  # a is paused: its lease lapses on its own clock too
+    with pytest.raises(FencedError, match="0.0s left"):
+        a.check()
+    clock_b.advance(0.1)
+    assert b.step() is True
+    assert b.epoch == 2 and b.is_leader
+    # the deposed holder's renew is a check-and-set on a version that is gone
+    assert a.step() is False
+    assert a.held is None and not a.is_leader
+    with pytest.raises(FencedError):
+        a.check()
+    stored = b.lease.read()
+    assert (stored.holder, stored.epoch) == ("b", 2)
+
+
+def test_takeover_waits_a_ttl_on_the_candidates_own_clock_whatever_the_holder_wrote(make_lease):
+    """A record's renewed_at from a host whose wall clock is far behind must not make it look lapsed."""
+    lease = make_lease()
+    lease.write(LeaseRecord("elsewhere", 7, TTL, 0, renewed_at=1.0), 0)  # wall time of 1970
+    b, clock_b = candidate(make_lease, "b")
+    assert b.step() is False
+    clock_b.advance(TTL / 2)
+    assert b.step() is False
+    clock_b.advance(TTL / 2)
+    assert b.step() is True and b.epoch == 8
+
+
+def test_write_with_a_stale_version_is_lost(make_lease):
+    lease = make_lease()
+    first = lease.write(LeaseRecord("a", 1, TTL, 0), 0)
+    with pytest.raises(LeaseLost):
+        lease.write(LeaseRecord("b", 1, TTL, 0), 0)  # create-only: it exists
+    second = lease.write(LeaseRecord("a", 1, TTL, 0), first.version)
+    with pytest.raises(LeaseLost):
+        lease.write(LeaseRecord("b", 2, TTL, 0), first.version)
+    assert lease.read().version == second.version
+
+
+def test_released_lease_is_taken_at_once(make_lease):
+    a, _ = candidate(make_lease, "a")
+    b, _ = candidate(make_lease, "b")
+    assert a.step()
+    assert b.step() is False
+    a.release()
+    assert not a.is_leader
+    assert b.step() is True and b.epoch == 2
+
+
+def test_racing_candidates_for_a_lapsed_lease_elect_exactly_one(make_lease):
+    a, _ = candidate(make_lease, "a")
+    assert a.step()
+    racers = [candidate(make_lease, f"r{i}") for i in range(4)]
+    for elector, clock in racers:
+        assert elector.step() is False
+        clock.advance(TTL)
+    barrier = threading.Barrier(len(racers))
+    results = []
+
+    def race(elector):
+        barrier.wait()
+        results.append(elector.step())
+
+    threads = [threading.Thread(target=race, args=(elector,)) for elector, _ in racers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(results) == [False, False, False, True]
+    winner = next(elector for elector, _ in racers if elector.is_leader)
+    assert winner.epoch == 2 and winner.lease.read().holder == winner.identity
+
+
+def test_a_restarted_process_with_the_same_identity_takes_its_lease_back_at_once(make_lease):
+    a, _ = candidate(make_lease, "pod-0")
+    assert a.step()
+    again, _ = candidate(make_lease, "pod-0")  # the same pod name after a container restart
+    assert again.step() is True and again.epoch == 2
+    assert a.step() is False  # the old incarnation, were it alive, is deposed
