@@ -233,6 +233,14 @@ def format_status_line(status: dict) -> str:
     return line
 
 
+def format_leadership(lead: dict) -> str:
+    expiry = lead.get("lease_expires_in")
+    leader = (f"{lead['leader']} (epoch {lead['epoch']}, lease expires in {expiry:g}s)" if lead.get("leader")
+              else "none elected")
+    return (f"state backend: {lead['backend']}\nleader: {leader}\n"
+            f"this replica: {lead['identity']}, {lead['role']}")
+
+
 def cmd_status(args) -> int:
     reply = via_daemon(args, {"op": "status"})
     if reply is None:
@@ -261,11 +269,15 @@ def cmd_status(args) -> int:
     else:
         statuses = reply["clients"]
         daemon_running = True
+    leadership = (reply or {}).get("leadership")
     if args.json:
-        print(json.dumps({"daemon": daemon_running, "clients": statuses}, indent=2, sort_keys=True))
+        print(json.dumps({"daemon": daemon_running, "clients": statuses,
+                          **({"leadership": leadership} if leadership else {})}, indent=2, sort_keys=True))
     else:
         if not daemon_running:
             print("(no daemon running: showing the state directory)")
+        if leadership:
+            print(format_leadership(leadership))
         for status in statuses:
             print(format_status_line(status))
     return EXIT_OK if all(status.get("valid") for status in statuses) else EXIT_FAILED

@@ -150,7 +150,9 @@ class ControlServer:
         if op == "ping":
             return {"ok": True}
         if op == "status":
-            return {"ok": True, "clients": daemon.statuses(), "daemon": True}
+            return {"ok": True, "clients": daemon.statuses(), "daemon": True, **daemon.leadership_status()}
+        if op == "rotate" and daemon.standby_refusal():
+            return {"ok": False, "error": daemon.standby_refusal()}
         if op == "rotate":
             names = list(daemon.keepers) if message.get("all") else [message.get("client")]
             unknown = [name for name in names if name not in daemon.keepers]

@@ -70,6 +70,7 @@ class Daemon:
         self._jobs_lock = threading.Lock()
         self._first_runs: set[str] = set()  # clients whose first run is in the pool before their job exists
         self._scheduler_ready = False
+        self.leadership = None  # with a shared state backend: the leader lease (leadership.py)
 
     # ---- construction
 
@@ -78,6 +79,7 @@ class Daemon:
         sinks = build_sinks(client, self.backends)
         keeper = Keeper(client, source, sinks, TokenClient(client, self.session, self.clock), self.store,
                         clock=self.clock, metrics=self.metrics, hooks=self.hooks)
+        keeper.leader = self.leadership
         try:
             keeper.check_sinks()
         except SinkError as exc:  # a sink that can never work is a config error (exit 78)
@@ -95,6 +97,8 @@ class Daemon:
             from tokensmith.metrics import Metrics
 
             self.metrics = Metrics(keepers=lambda: self.keepers)
+        if getattr(self.store, "shared", False):
+            self._build_leadership()
         for client in self.settings.clients:
             self.keepers[client.name] = self.make_keeper(client)
         if self.serve:
@@ -110,6 +114,50 @@ class Daemon:
                 remove_stale_temps(directory, names)
         release_freed_memory()
 
+    def _build_leadership(self) -> None:
+        from tokensmith.leadership import Leadership, LocalOnly
+
+        if not self.serve:  # a CLI without a daemon here must not write a store that a leader elsewhere owns
+            self.leadership = LocalOnly()
+            return
+        config = self.settings.leader
+        for client in self.settings.clients:
+            if client.timeout + config.renew_every + 2 * config.lease_ttl * 0.1 >= config.lease_ttl:
+                raise ConfigError(f"client {client.name}: timeout {client.timeout:g}s does not fit in the leader "
+                                  f"lease: leader.lease_ttl must exceed timeout + renew_every with a margin")
+        from tokensmith.leases import build_lease
+
+        self.leadership = Leadership(build_lease(self.settings, self.backends), self.settings,
+                                     on_elected=self._take_over, on_deposed=self._step_down, metrics=self.metrics)
+        self.store.fence = self.leadership.fence
+        if self.metrics is not None:
+            from tokensmith.leadership import instrument
+
+            instrument(self.store, self.metrics)
+
+    def _take_over(self, epoch: int) -> None:
+        """Won the lease: every client's state as the store holds it now, then schedule from it
+        (fresh tokens are kept; only what is due refreshes)."""
+        self.store.epoch = epoch
+        states = self.store.load_all()
+        with self._jobs_lock:
+            for name, keeper in list(self.keepers.items()):
+                with keeper.lock:
+                    keeper.adopt(states.get(name))
+            if self.scheduler is not None and not self.stop_event.is_set():
+                for name, keeper in list(self.keepers.items()):
+                    self._add_job(name, keeper)
+        log.info("took over %d clients (epoch %d)", len(states), epoch, extra={"event": "takeover"})
+
+    def _step_down(self) -> None:
+        """Lost the lease: no job runs again; a refresh in flight is refused by the fence."""
+        with self._jobs_lock:
+            if self.scheduler is not None:
+                try:
+                    self.scheduler.remove_all_jobs()
+                except Exception:
+                    log.exception("removing jobs on step-down failed", extra={"event": "step_down"})
+
     # ---- scheduling
 
     def start(self) -> None:
@@ -118,6 +166,10 @@ class Daemon:
         if self.serve:
             self._start_control()  # before any worker thread: the control socket is bound under a umask
         self.pool = ThreadPoolExecutor(self.settings.scheduler.max_workers, thread_name_prefix="keeper")
+        if self.leadership is not None:
+            self._start_scheduler()
+            self.leadership.start()  # jobs come with the lease (_take_over)
+            return
         # Clients with no usable token start now, in the pool the scheduler will use: their first
         # tokens need not wait for APScheduler's import or the health server. Each gets its job
         # when its first run is over (_run), so a first run is never queued twice.
@@ -130,6 +182,14 @@ class Daemon:
                     first.append(self.pool.submit(self._run, name, True))
         # A head start: importing APScheduler would hold the GIL the first runs need after each I/O
         wait(first, timeout=FIRST_RUNS_HEAD_START)
+        self._start_scheduler()
+        with self._jobs_lock:
+            self._scheduler_ready = True
+            for name, keeper in self.keepers.items():
+                if name not in self._first_runs:
+                    self._add_job(name, keeper)
+
+    def _start_scheduler(self) -> None:
         from apscheduler.executors.pool import BasePoolExecutor, ThreadPoolExecutor as PoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -144,11 +204,6 @@ class Daemon:
         if self.serve:
             self._start_health()
         self.scheduler.start()
-        with self._jobs_lock:
-            self._scheduler_ready = True
-            for name, keeper in self.keepers.items():
-                if name not in self._first_runs:
-                    self._add_job(name, keeper)
 
     def _add_job(self, name: str, keeper: Keeper) -> None:
         from apscheduler.triggers.interval import IntervalTrigger
@@ -206,6 +261,20 @@ class Daemon:
             self._reschedule(name, keeper.next_due())
         return outcome
 
+    def leadership_status(self) -> dict:
+        if self.leadership is None or not hasattr(self.leadership, "status"):
+            return {}
+        return {"leadership": self.leadership.status()}
+
+    def standby_refusal(self) -> str | None:
+        """Why this replica must not rotate (a standby), naming the leader; None on the leader."""
+        if self.leadership is None or self.leadership.active:
+            return None
+        leader = self.leadership.status()
+        holder = f"the leader {leader['leader']} (epoch {leader['epoch']})" if leader["leader"] else "the leader"
+        return (f"this replica ({leader['identity']}) is a standby: rotate on {holder}; its control socket is on "
+                f"that host")
+
     def statuses(self) -> list[dict]:
         return [keeper.status() for keeper in list(self.keepers.values())]
 
@@ -215,6 +284,8 @@ class Daemon:
         thread = getattr(self.scheduler, "_thread", None)
         if thread is not None and not thread.is_alive():
             return False
+        if self.leadership is not None and not self.leadership.active:
+            return True  # a standby refreshes nothing, so nothing of it is overdue
         now = self.clock()
         for keeper in list(self.keepers.values()):
             if not keeper.lock.locked() and keeper.next_due() < now - OVERDUE_GRACE - keeper.client.timeout:
@@ -222,6 +293,9 @@ class Daemon:
         return True
 
     def not_ready(self) -> list[str]:
+        if self.leadership is not None and not self.leadership.active:
+            # a standby is ready when it can reach the store it would take over from
+            return [] if self.leadership.store_reachable else ["standby (the state store is unreachable)"]
         return [name for name, keeper in list(self.keepers.items()) if not keeper.ready()]
 
     def wait_first_tokens(self, timeout: float) -> list[str]:
@@ -279,7 +353,7 @@ class Daemon:
                         keeper.load()
                         keeper.creds = None
                 self.keepers[name] = keeper
-                if self.scheduler is not None:
+                if self.scheduler is not None and (self.leadership is None or self.leadership.active):
                     self._add_job(name, keeper)
                 log.info("client %s", "changed" if old else "added",
                          extra={"client": name, "event": "client_changed" if old else "client_added"})
@@ -317,9 +391,12 @@ class Daemon:
         signal.signal(signal.SIGHUP, on_reload)
 
     def run_forever(self) -> int:
-        missing = self.wait_first_tokens(self.settings.scheduler.ready_timeout)
         total = len(self.keepers)
-        if missing:
+        # a standby has no tokens of its own to wait for, and a leader is elected only after a ttl
+        missing = [] if self.leadership else self.wait_first_tokens(self.settings.scheduler.ready_timeout)
+        if self.leadership:
+            status = f"{total} clients; leader election under way"
+        elif missing:
             status = f"{total - len(missing)}/{total} clients have tokens; missing: {', '.join(missing[:20])}"
         else:
             status = f"{total} clients have fresh tokens"
@@ -348,6 +425,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.leadership is not None and hasattr(self.leadership, "pause"):
+            self.leadership.pause()  # no new lease: stopping leaders do not take over again
         if self.control is not None:
             self.control.stop()
         if self.health is not None:
@@ -360,6 +439,8 @@ class Daemon:
             self.pool.shutdown(wait=False)
         with self._idle:
             self._idle.wait_for(lambda: self._running_jobs == 0, timeout=60)
+        if self.leadership is not None and hasattr(self.leadership, "stop"):
+            self.leadership.stop(release=True)  # after the last write: a standby takes over at once
         if self._daemon_lock_fd is not None:
             os.close(self._daemon_lock_fd)
             self._daemon_lock_fd = None

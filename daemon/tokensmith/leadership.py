@@ -35,6 +35,8 @@ class Leadership:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        if metrics is not None:
+            metrics.leadership(None)
 
     # ---- asked by keepers and the state backend
 
@@ -78,10 +80,15 @@ class Leadership:
     def _loop(self) -> None:
         while not self._stop.is_set():
             delay = self.renew_every
+            started = time.monotonic()
             try:
                 leading = self.elector.step()
                 self.store_reachable = True
+                if self.metrics is not None:
+                    self.metrics.state_store("lease", time.monotonic() - started, True)
             except LeaseError as exc:
+                if self.metrics is not None:
+                    self.metrics.state_store("lease", time.monotonic() - started, False)
                 leading = self.elector.held is not None
                 self.store_reachable = False
                 delay = max(self.renew_every / 4, 0.1)
@@ -125,14 +132,16 @@ class Leadership:
                 self.metrics.leadership(False)
         log.warning("this replica is now a standby", extra={"event": "leader_deposed"})
 
-    def stop(self, release: bool = True) -> None:
+    def pause(self) -> None:
+        """Stop the loop: no more campaigning or renewing (the daemon is stopping)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
-        was_active = self.active
-        if was_active:
-            self._deposed()
+
+    def stop(self, release: bool = True) -> None:
+        self.pause()
+        self._deposed()
         if release:
             self.elector.release()
 
@@ -141,3 +150,50 @@ class Leadership:
         return {"backend": self.lease.where, "identity": self.identity,
                 "role": "active" if self.active else "standby", "leader": leader["holder"],
                 "epoch": leader["epoch"], "lease_expires_in": leader["lease_expires_in"]}
+
+
+class LocalOnly:
+    """A CLI run without a daemon on a shared backend: the store belongs to the elected leader, so
+    nothing here may refresh or write; rotate and once go to the leader's host instead."""
+
+    active = False
+    epoch = 0
+
+    def before_request(self, deadline: float) -> None:
+        raise FencedError("the state store is shared: only the elected leader refreshes; run rotate on the "
+                          "leader's host (see `tokensmith status` there)")
+
+    def fence(self) -> None:
+        self.before_request(0.0)
+
+    def fenced(self, reason: str) -> None:
+        pass
+
+
+def instrument(store, metrics) -> None:
+    """Time the shared store's reads and writes for /metrics (a fenced write is no store error)."""
+    for op in ("load", "load_if_changed", "load_all", "save"):
+        method = getattr(store, op, None)
+        if method is not None:
+            setattr(store, op, _timed(method, op, metrics))
+
+
+def _timed(method, op, metrics):
+    from tokensmith.errors import TokensmithError
+
+    def timed(*args, **kwargs):
+        started = time.monotonic()
+        ok = False
+        try:
+            result = method(*args, **kwargs)
+            ok = True
+            return result
+        except FencedError:
+            ok = True
+            raise
+        except TokensmithError:
+            raise
+        finally:
+            metrics.state_store(op, time.monotonic() - started, ok)
+
+    return timed
