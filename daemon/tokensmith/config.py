@@ -330,6 +330,27 @@ class LeaderConfig(Model):
         return self.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 
 
+class FileStateConfig(Model):
+    type: Literal["file"] = "file"
+
+
+class VaultStateConfig(Model):
+    type: Literal["vault"]
+    mount: str = Field("secret", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    prefix: str = Field("tokensmith", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+
+
+class DynamoStateConfig(Model):
+    type: Literal["dynamodb"]
+    table: str = Field(pattern=r"^[A-Za-z0-9_.-]{3,255}$")
+
+
+StateConfig = Annotated[
+    Union[FileStateConfig, VaultStateConfig, DynamoStateConfig],
+    Field(discriminator="type"),
+]
+
+
 def _default_runtime_dir() -> Path:
     from tokensmith.control import default_runtime_dir
 
@@ -348,6 +369,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)  # not Model: cli.py model_copy(update=...)s it
 
     state_dir: Path = Field(default_factory=_default_state_dir)
+    state: StateConfig = Field(default_factory=FileStateConfig)
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
     audit_log: Path | None = None
     control_socket_group: str | None = None
@@ -376,6 +398,8 @@ class Settings(BaseModel):
         users = [client.name for client in self.clients if "vault" in backend_types(client)]
         if users and self.vault is None:
             raise ValueError(f"client(s) {', '.join(users)} use Vault but the top-level vault section is missing")
+        if self.state.type == "vault" and self.vault is None:
+            raise ValueError("state type vault needs the top-level vault section (address and auth)")
         return self
 
     @property

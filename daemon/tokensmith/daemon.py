@@ -18,7 +18,7 @@ from tokensmith.hooks import Hooks
 from tokensmith.keeper import Keeper
 from tokensmith.sinks import build_sinks
 from tokensmith.sources import build_source
-from tokensmith.state import StateStore
+from tokensmith.state import build_state_backend
 from tokensmith.tokenclient import TokenClient, make_session
 
 log = logging.getLogger("tokensmith.daemon")
@@ -48,8 +48,8 @@ class Daemon:
         self.config_path = config_path
         self.clock = clock
         self.serve = serve
-        self.store = StateStore(settings.state_dir)
         self.backends = Backends(settings)
+        self.store = build_state_backend(settings, self.backends)
         self.session = make_session(settings.scheduler.max_workers)
         self.hooks = Hooks()
         self.keepers: dict[str, Keeper] = {}

@@ -14,6 +14,7 @@ from typing import Callable
 import hvac
 import requests
 from hvac import exceptions as vault_exc
+from hvac.adapters import RawAdapter
 from requests.adapters import HTTPAdapter
 
 from tokensmith.config import VaultConfig
@@ -96,6 +97,72 @@ class VaultClient:
                   error_cls: type[TokensmithError] = SinkError) -> None:
         self._call(lambda kv: kv.secrets.kv.v2.create_or_update_secret(path, secret=data, cas=cas, mount_point=mount),
                    f"vault secret {mount}/{path}", client, error_cls)
+
+    # ---- KV v2 records with versions and storage indexes (the shared state backend)
+
+    def kv2_get(self, mount: str, path: str, *, index: str | None = None, client: str | None = None,
+                error_cls: type[TokensmithError] = SourceError) -> tuple[dict | None, int, str | None]:
+        """(data, version, storage index) of the latest version: data None when deleted or absent,
+        version 0 when absent. With index (from an earlier answer), a standby that has not applied
+        it yet forwards the read to the active node instead of answering from its older copy."""
+        headers = {"X-Vault-Index": index, "X-Vault-Inconsistent": "forward-active-node"} if index else {}
+
+        def read(kv: hvac.Client) -> dict:
+            try:
+                response = RawAdapter.request(kv.adapter, "get", f"/v1/{mount}/data/{path}", headers=dict(headers))
+            except vault_exc.InvalidPath as exc:
+                body = exc.json if isinstance(exc.json, dict) else {}
+                if body.get("data") or not (exc.errors or []):
+                    return {"body": body, "index": None}
+                raise
+            return {"body": response.json(), "index": response.headers.get("X-Vault-Index")}
+
+        answer = self._call(read, f"vault secret {mount}/{path}", client, error_cls)
+        body = (answer.get("body") or {}).get("data") or {}
+        version = (body.get("metadata") or {}).get("version") or 0
+        data = body.get("data")
+        return (data if isinstance(data, dict) else None), int(version), answer.get("index")
+
+    def kv2_put(self, mount: str, path: str, data: dict, cas: int, *, client: str | None = None,
+                error_cls: type[TokensmithError] = SinkError) -> tuple[int | None, str | None]:
+        """Write only if the latest version is `cas` (0: only if there is none). (new version,
+        storage index), or (None, None) when another writer got there first."""
+
+        def write(kv: hvac.Client) -> dict:
+            try:
+                response = RawAdapter.request(kv.adapter, "post", f"/v1/{mount}/data/{path}",
+                                              json={"options": {"cas": cas}, "data": data})
+            except vault_exc.InvalidRequest as exc:
+                if CAS_MISMATCH in " ".join(str(error) for error in (exc.errors or [])):
+                    return {"conflict": True}
+                raise
+            return {"body": response.json(), "index": response.headers.get("X-Vault-Index")}
+
+        answer = self._call(write, f"vault secret {mount}/{path}", client, error_cls)
+        if answer.get("conflict"):
+            return None, None
+        version = ((answer.get("body") or {}).get("data") or {}).get("version")
+        if not version:
+            raise error_cls(f"vault secret {mount}/{path}: the write answered no version", client=client,
+                            retryable=True)
+        return int(version), answer.get("index")
+
+    def kv2_list(self, mount: str, path: str, *, index: str | None = None, client: str | None = None,
+                 error_cls: type[TokensmithError] = SourceError) -> list[str]:
+        """The keys under a KV v2 folder ([] when there is none)."""
+        headers = {"X-Vault-Index": index, "X-Vault-Inconsistent": "forward-active-node"} if index else {}
+
+        def listing(kv: hvac.Client) -> dict:
+            try:
+                return RawAdapter.request(kv.adapter, "list", f"/v1/{mount}/metadata/{path}",
+                                          headers=dict(headers)).json()
+            except vault_exc.InvalidPath as exc:
+                if not (exc.errors or []):
+                    return {}
+                raise
+
+        keys = (self._call(listing, f"vault folder {mount}/{path}", client, error_cls).get("data") or {}).get("keys")
+        return [key for key in keys or [] if isinstance(key, str)]
 
     def check(self, client: str | None = None, error_cls: type[TokensmithError] = SinkError) -> None:
         self._call(lambda kv: kv.auth.token.lookup_self(), "vault token lookup-self", client, error_cls)

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tokensmith.errors import StateError, TokensmithError
+from tokensmith.errors import TokensmithError
+from tokensmith.state import FencedError  # noqa: F401  (raised here; the state backends define it)
 
 log = logging.getLogger("tokensmith.leases")
 
@@ -35,11 +36,6 @@ class LeaseError(TokensmithError):
 
 class LeaseLost(LeaseError):
     """A check-and-set on the lease record failed: someone else wrote it since we read it."""
-    retryable = False
-
-
-class FencedError(StateError):
-    """This replica is not the leader (or its lease is about to lapse): it must not write or refresh."""
     retryable = False
 
 

@@ -5,7 +5,6 @@ candidates racing for one version exactly one succeeds."""
 from __future__ import annotations
 
 from tokensmith.leases import LeaseError, LeaseLost, LeaseRecord, record_from
-from tokensmith.vault import CAS_MISMATCH
 
 MAX_TIMEOUT = 5.0
 
@@ -16,6 +15,7 @@ class VaultLease:
         self.mount = mount
         self.path = f"{prefix.strip('/')}/leader"
         self.where = f"vault {mount}/{self.path}"
+        self.index = None  # the storage index of our last write: a standby node then forwards our reads
 
     @classmethod
     def from_settings(cls, settings, backends) -> "VaultLease":
@@ -27,20 +27,13 @@ class VaultLease:
         return cls(client, settings.state.mount, settings.state.prefix)
 
     def read(self) -> LeaseRecord | None:
-        data, version = self.vault.read_kv2_versioned(self.mount, self.path, error_cls=LeaseError)
+        data, version, _ = self.vault.kv2_get(self.mount, self.path, index=self.index, error_cls=LeaseError)
         return record_from(data, version)
 
     def write(self, record: LeaseRecord, expected_version: int) -> LeaseRecord:
-        try:
-            response = self.vault._call(
-                lambda kv: kv.secrets.kv.v2.create_or_update_secret(
-                    self.path, secret=record.as_data(), cas=expected_version, mount_point=self.mount),
-                f"leader lease {self.where}", None, LeaseError)
-        except LeaseError as exc:
-            if CAS_MISMATCH in exc.message:
-                raise LeaseLost(f"leader lease {self.where} was written by another replica") from exc
-            raise
-        version = (response.get("data") or {}).get("version")
-        if not isinstance(version, int):
-            raise LeaseError(f"leader lease {self.where}: the write returned no version")
+        version, index = self.vault.kv2_put(self.mount, self.path, record.as_data(), expected_version,
+                                            error_cls=LeaseError)
+        if version is None:
+            raise LeaseLost(f"leader lease {self.where} was written by another replica")
+        self.index = index or self.index
         return LeaseRecord(record.holder, record.epoch, record.ttl, version, record.renewed_at)

@@ -169,3 +169,28 @@ class StateStore:
             os.close(fd)
             return None
         return fd
+
+    # ---- the StateBackend interface beyond what the keeper has always used
+
+    shared = False
+    epoch = 0  # only a shared backend stores it
+    fence = None
+
+    @classmethod
+    def from_settings(cls, settings, backends=None) -> "StateStore":
+        return cls(settings.state_dir)
+
+    def load_all(self) -> dict[str, ClientState]:
+        """Every readable client record in the directory (unreadable ones are set aside by load)."""
+        states = {}
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                state = self.load(path.stem)
+            except StateError:
+                continue
+            if state is not None:
+                states[path.stem] = state
+        return states
+
+    def append_audit(self, record: dict) -> None:
+        """The audit log file (settings.audit_log_path) is this backend's audit store."""

@@ -1,0 +1,115 @@
+"""State in DynamoDB: one item per client (pk "client#<name>", version N, epoch N, state S JSON).
+
+Every write is a put_item conditional on the version this object last read or wrote
+(attribute_not_exists(pk) for a new client), so a stale writer fails instead of overwriting.
+Reads are strongly consistent. The table (string partition key "pk") is created by the operator;
+tokensmith does not create it, and check() says so when it is missing. DynamoDB encrypts items at
+rest (AWS owned or a customer KMS key)."""
+
+from __future__ import annotations
+
+import json
+
+from tokensmith.errors import StateError
+from tokensmith.state.shared import MAX_CLIENTS, SharedStateStore
+
+CLIENT = "client#"
+
+
+class DynamoStateStore(SharedStateStore):
+    what = "dynamodb state"
+
+    def __init__(self, config, dynamodb, directory):
+        super().__init__(directory)
+        self.table = config.table
+        self.db = dynamodb
+
+    @classmethod
+    def from_settings(cls, settings, backends) -> "DynamoStateStore":
+        return cls(settings.state, backends.aws("dynamodb"), settings.state_dir)
+
+    def _call(self, what: str, client: str | None, fn):
+        from tokensmith.aws import map_client_error
+
+        try:
+            return fn()
+        except Exception as exc:
+            raise map_client_error(exc, client, f"dynamodb table {self.table}: {what}", StateError) from exc
+
+    def _read(self, client: str) -> tuple[dict | None, int]:
+        item = self._call("read", client, lambda: self.db.get_item(
+            TableName=self.table, Key={"pk": {"S": CLIENT + client}}, ConsistentRead=True)).get("Item")
+        if not item:
+            return None, 0
+        try:
+            version = int(item["version"]["N"])
+            record = {"state": item["state"]["S"], "epoch": int(item.get("epoch", {}).get("N", 0))}
+        except (KeyError, TypeError, ValueError):
+            return {"state": None}, int((item.get("version") or {}).get("N", 0) or 0)
+        return record, version
+
+    def _write(self, client: str, record: dict, cas: int) -> int | None:
+        from tokensmith.aws import error_code
+
+        item = {"pk": {"S": CLIENT + client}, "version": {"N": str(cas + 1)}, "epoch": {"N": str(record["epoch"])},
+                "format": {"N": str(record["format"])},
+                "state": {"S": json.dumps(record["state"], separators=(",", ":"))}}
+        if cas:
+            condition = {"ConditionExpression": "version = :v", "ExpressionAttributeValues": {":v": {"N": str(cas)}}}
+        else:
+            condition = {"ConditionExpression": "attribute_not_exists(pk)"}
+        try:
+            self.db.put_item(TableName=self.table, Item=item, **condition)
+        except Exception as exc:
+            if error_code(exc) == "ConditionalCheckFailedException":
+                return None
+            from tokensmith.aws import map_client_error
+
+            raise map_client_error(exc, client, f"dynamodb table {self.table}: write", StateError) from exc
+        return cas + 1
+
+    def _scan(self, prefix: str, limit: int = MAX_CLIENTS) -> list[dict]:
+        items, start = [], None
+        while len(items) < limit:
+            kwargs = {"TableName": self.table, "ConsistentRead": True, "FilterExpression": "begins_with(pk, :p)",
+                      "ExpressionAttributeValues": {":p": {"S": prefix}}}
+            if start:
+                kwargs["ExclusiveStartKey"] = start
+            page = self._call("scan", None, lambda: self.db.scan(**kwargs))
+            items.extend(page.get("Items") or [])
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                break
+        return items[:limit]
+
+    def _list(self) -> list[str]:
+        return sorted(item["pk"]["S"][len(CLIENT):] for item in self._scan(CLIENT))
+
+    def _put_audit(self, key: str, record: dict) -> None:
+        stamp, _, rest = key.partition("-")
+        client, _, random = rest.rpartition("-")
+        item = {"pk": {"S": f"audit#{stamp}#{client}#{random}"}, "record": {"S": json.dumps(record, sort_keys=True)}}
+        self._call("audit write", record.get("client"), lambda: self.db.put_item(
+            TableName=self.table, Item=item, ConditionExpression="attribute_not_exists(pk)"))
+
+    def audit_records(self) -> list[dict]:
+        items = sorted(self._scan("audit#"), key=lambda item: item["pk"]["S"])
+        return [json.loads(item["record"]["S"]) for item in items if "record" in item]
+
+    def check(self) -> None:
+        from tokensmith.aws import error_code
+
+        try:
+            table = self.db.describe_table(TableName=self.table)["Table"]
+        except Exception as exc:
+            if error_code(exc) == "ResourceNotFoundException":
+                raise StateError(f"state backend dynamodb: table {self.table} does not exist (create it with a "
+                                 f"string partition key named pk; tokensmith does not create it)",
+                                 retryable=False) from exc
+            from tokensmith.aws import map_client_error
+
+            raise map_client_error(exc, None, f"dynamodb table {self.table}", StateError) from exc
+        keys = {key["AttributeName"]: key["KeyType"] for key in table.get("KeySchema", [])}
+        if keys != {"pk": "HASH"}:
+            raise StateError(f"state backend dynamodb: table {self.table} must have the string partition key pk "
+                             f"and no sort key", retryable=False)

@@ -1,0 +1,144 @@
+"""What the shared backends (vault, dynamodb) have in common: the record codec, the version each
+client was last seen at (the compare-and-set base of every write), fencing, local locks.
+
+A subclass provides _read(client) -> (record | None, version), _write(client, record, cas) ->
+new version or None on a conflict, _list() -> client names, _put_audit(key, record) and check().
+Version 0 means "no record": a write with cas 0 succeeds only if nobody has created one."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tokensmith.errors import StateError
+from tokensmith.state import ClientState, StaleStateError, check_types
+from tokensmith.state.file import _KNOWN, _NAMES, FORMAT_VERSION, StateStore
+
+MAX_CLIENTS = 100_000  # load_all stops here rather than paging without end
+
+
+def encode(state: ClientState, epoch: int) -> dict:
+    data = {name: getattr(state, name) for name in _NAMES}
+    data["sinks_written"] = dict(state.sinks_written)
+    return {"format": FORMAT_VERSION, "epoch": epoch, "state": data}
+
+
+def decode(record: dict) -> ClientState:
+    """ValueError/TypeError for a record that is not ours or is damaged."""
+    data = record.get("state")
+    if isinstance(data, str):
+        data = json.loads(data)
+    if not isinstance(data, dict):
+        raise TypeError("state")
+    state = ClientState(**{key: value for key, value in data.items() if key in _KNOWN})
+    check_types(state)
+    return state
+
+
+def audit_key(record: dict) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{stamp}-{record.get('client') or 'unknown'}-{secrets.token_hex(4)}"
+
+
+class SharedStateStore:
+    shared = True
+    what = "shared state"
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.local = StateStore(self.directory)  # daemon.lock and the runtime files stay on this host
+        self.epoch = 0
+        self.fence = None
+        self.versions: dict[str, int] = {}  # per client: the version this object last read or wrote
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # ---- subclass hooks
+
+    def _read(self, client: str) -> tuple[dict | None, int]:
+        raise NotImplementedError
+
+    def _write(self, client: str, record: dict, cas: int) -> int | None:
+        raise NotImplementedError
+
+    def _list(self) -> list[str]:
+        raise NotImplementedError
+
+    def _put_audit(self, key: str, record: dict) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    # ---- the StateBackend interface
+
+    def prepare(self) -> None:
+        self.local.prepare()
+        self.check()
+
+    def remove_stale_temps(self) -> None:
+        pass
+
+    def load(self, client: str) -> ClientState | None:
+        record, version = self._read(client)
+        return self._decode(client, record, version)
+
+    def load_if_changed(self, client: str) -> ClientState | None:
+        record, version = self._read(client)
+        if version <= self.versions.get(client, -1):
+            # unchanged, or a replica that has not caught up with a version this object has seen
+            return None
+        return self._decode(client, record, version)
+
+    def load_all(self) -> dict[str, ClientState]:
+        states = {}
+        for client in self._list()[:MAX_CLIENTS]:
+            try:
+                state = self.load(client)
+            except StaleStateError:
+                raise
+            except StateError:
+                continue
+            if state is not None:
+                states[client] = state
+        return states
+
+    def save(self, client: str, state: ClientState, *, sync_dir: bool = True) -> None:
+        """sync_dir is the file backend's; a shared store acknowledges a write once it is durable."""
+        if self.fence is not None:
+            self.fence()
+        cas = self.versions.get(client, 0)
+        version = self._write(client, encode(state, self.epoch), cas)
+        if version is None:
+            _, now = self._read(client)
+            raise StaleStateError(f"another writer moved client {client} on (version {now}, this replica "
+                                  f"last saw version {cas}); nothing was written", client=client)
+        self.versions[client] = version
+
+    @contextmanager
+    def client_lock(self, client: str):
+        """One thread per client in this process; across replicas leadership and CAS decide."""
+        with self._guard:
+            lock = self._locks.setdefault(client, threading.Lock())
+        with lock:
+            yield
+
+    def try_daemon_lock(self) -> int | None:
+        return self.local.try_daemon_lock()
+
+    def append_audit(self, record: dict) -> None:
+        self._put_audit(audit_key(record), record)
+
+    def _decode(self, client: str, record: dict | None, version: int) -> ClientState | None:
+        self.versions[client] = version  # also for a damaged record: the next save replaces it
+        if record is None:
+            return None
+        try:
+            return decode(record)
+        except (ValueError, TypeError, AttributeError):
+            raise StateError(f"{self.what} record for client {client} (version {version}) is unreadable; "
+                             f"a new token will be obtained and the record replaced", client=client) from None
