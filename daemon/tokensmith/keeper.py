@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from tokensmith.errors import SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
-from tokensmith.leases import FencedError
-from tokensmith.state import ClientState, StateStore
+from tokensmith.state import ClientState, FencedError, StaleStateError, StateStore
 from tokensmith.tokens import Token, fingerprint
 
 log = logging.getLogger("tokensmith.keeper")
@@ -324,6 +323,9 @@ class Keeper:
             self.state_unsaved = False
         except FencedError:
             raise  # a deposed leader's token goes nowhere: the new leader owns the chain
+        except StaleStateError as exc:
+            # another replica moved the chain on: its state wins; read it and try again soon
+            raise StateError(exc.message, client=self.name, retryable=True) from exc
         except StateError as exc:
             # The token is already issued (and an exchange has revoked the old one): consumers get
             # it, but its refresh token is not spent until the state directory holds it.
