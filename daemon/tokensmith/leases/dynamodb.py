@@ -25,7 +25,7 @@ class DynamoLease:
 
         aws = settings.aws or AwsConfig()
         timeout = min(aws.timeout, 5.0, max(settings.leader.renew_every, 0.5))
-        return cls(make_client("dynamodb", aws.model_copy(update={"timeout": timeout})), settings.state.table)
+        return cls(make_client("dynamodb", type(aws)(**{**dict(aws), "timeout": timeout})), settings.state.table)
 
     def read(self) -> LeaseRecord | None:
         try:

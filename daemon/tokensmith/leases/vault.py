@@ -23,7 +23,7 @@ class VaultLease:
 
         # Its own session and a short timeout: a renew must not wait behind sink writes, nor hang past the ttl
         timeout = min(settings.vault.timeout, MAX_TIMEOUT, max(settings.leader.renew_every, 0.5))
-        client = VaultClient(settings.vault.model_copy(update={"timeout": timeout}))
+        client = VaultClient(type(settings.vault)(**{**dict(settings.vault), "timeout": timeout}))
         return cls(client, settings.state.mount, settings.state.prefix)
 
     def read(self) -> LeaseRecord | None:
