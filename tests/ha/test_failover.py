@@ -144,3 +144,65 @@ def test_restarting_every_replica_keeps_the_stored_tokens(tmp_path, vault_kv, re
     figures(report, "restart every replica at once (2 replicas, 50 clients)",
             "the new leader kept every stored token", token_requests_in_first_10s=refreshed,
             leader_elected_after_seconds=round(elected, 2))
+
+
+def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv, token_server):
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    cluster = Cluster(tmp_path, vault_kv, token_server, clients=3, replicas=2, lifetime=LIFETIME,
+                      lease_ttl=LEASE_TTL, renew_every=RENEW_EVERY)
+    cluster.start_all()
+    try:
+        cluster.wait_all_sinks(30)
+        leader = wait_for(cluster.leader, 10)
+        standby = next(replica for replica in cluster.replicas if replica is not leader)
+
+        def cli(replica, *args):
+            return subprocess.run([sys.executable, "-m", "tokensmith", *args, "--config",
+                                   str(replica.root / "config.yaml")], capture_output=True, text=True, timeout=30)
+
+        def get(replica, path):
+            port = int(wait_for(lambda: re.search(r"health endpoint listening on 127\.0\.0\.1:(\d+)", replica.log))
+                       .group(1))
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        status = cli(standby, "status")
+        assert f"state backend: vault secret/{cluster.prefix}/leader" in status.stdout
+        assert re.search(rf"leader: {leader.name} \(epoch 1, lease expires in [0-9.]+s\)", status.stdout), status.stdout
+        assert f"this replica: {standby.name}, standby" in status.stdout
+        assert f"this replica: {leader.name}, active" in cli(leader, "status").stdout
+
+        issued = token_server.stats["issued"]
+        refused = cli(standby, "rotate", "c000")
+        assert refused.returncode != 0
+        assert f"({standby.name}) is a standby: rotate on the leader {leader.name} (epoch 1)" in refused.stderr
+        assert token_server.stats["issued"] == issued
+        rotated = cli(leader, "rotate", "c000")
+        assert rotated.returncode == 0, rotated.stderr
+        assert token_server.stats["issued"] == issued + 1
+
+        assert get(standby, "/readyz") == (200, "ready\n")
+        assert get(standby, "/healthz")[0] == 200
+        standby_metrics, leader_metrics = get(standby, "/metrics")[1], get(leader, "/metrics")[1]
+        assert "tokensmith_is_leader 0.0" in standby_metrics
+        assert "tokensmith_is_leader 1.0" in leader_metrics
+        assert "tokensmith_leader_transitions_total 1.0" in leader_metrics
+        assert "tokensmith_lease_renew_failures_total 0.0" in leader_metrics
+        assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="save"\} [1-9]', leader_metrics)
+        assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="lease"\} [1-9]', standby_metrics)
+
+        cluster.stop_all()  # no daemon at all: a local rotate must not write a store a leader owns
+        issued = token_server.stats["issued"]
+        local = cli(standby, "rotate", "c001")
+        assert local.returncode != 0
+        assert "only the elected leader refreshes" in local.stdout + local.stderr
+        assert token_server.stats["issued"] == issued
+    finally:
+        cluster.stop_all()

@@ -160,3 +160,54 @@ def test_a_restarted_process_with_the_same_identity_takes_its_lease_back_at_once
     again, _ = candidate(make_lease, "pod-0")  # the same pod name after a container restart
     assert again.step() is True and again.epoch == 2
     assert a.step() is False  # the old incarnation, were it alive, is deposed
+
+
+def test_leader_that_cannot_reach_the_store_stops_leading_when_its_validity_runs_out(vault_kv):
+    from tokensmith.config import VaultConfig
+    from tokensmith.leases import LeaseError
+    from tokensmith.vault import VaultClient
+    from fixtures_stores import free_port
+
+    a, clock = candidate(vault_lease(vault_kv), "a")
+    assert a.step()
+    a.lease.vault = VaultClient(VaultConfig(**vault_kv.vault_config(address=f"http://127.0.0.1:{free_port()}")))
+    clock.advance(1.0)
+    with pytest.raises(LeaseError):
+        a.step()
+    assert a.is_leader and a.held is not None  # one failed renew: still within its validity
+    a.check(1.0)
+    clock.advance(TTL - MARGIN - 1.0)
+    with pytest.raises(FencedError):
+        a.check()  # writes stop at the validity's end even before the loop notices
+    with pytest.raises(LeaseError):
+        a.step()
+    assert a.held is None and not a.is_leader
+
+
+def test_leadership_refuses_a_token_request_the_lease_may_not_outlive(vault_kv):
+    from types import SimpleNamespace
+
+    from tokensmith.leadership import Leadership
+    from tokensmith.leases import LeaseError
+
+    clock = FakeClock(now=50.0)
+    events = []
+    settings = SimpleNamespace(leader=SimpleNamespace(name="a", renew_every=1.0, lease_ttl=TTL))
+    leadership = Leadership(vault_lease(vault_kv)(), settings, on_elected=lambda epoch: events.append(epoch),
+                            on_deposed=lambda: events.append("deposed"), clock=clock)
+    with pytest.raises(FencedError, match="standby"):
+        leadership.before_request(1.0)
+    assert leadership.elector.step()
+    leadership._elected()
+    assert events == [1] and leadership.active
+    leadership.before_request(1.0)  # 2.7 s of validity: a 1 s request plus the 0.3 s margin fits
+    leadership.fence()
+    clock.advance(1.5)
+    with pytest.raises(LeaseError, match="waiting for its renewal"):
+        leadership.before_request(1.0)  # 1.2 s left: the answer might come after the lease lapsed
+    leadership.fence()  # writes are still allowed
+    clock.advance(1.5)
+    with pytest.raises(FencedError):
+        leadership.fence()
+    leadership.fenced("test")
+    assert events == [1, "deposed"] and not leadership.active
