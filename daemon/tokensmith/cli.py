@@ -299,6 +299,12 @@ def cmd_check_config(args) -> int:
 
     for var in ignored_env(os.environ):
         print(f"note: {var} names no config field and is ignored")
+    if settings.state.type != "file":
+        for client in settings.clients:
+            for sink in client.sinks:
+                if sink.type == "file":
+                    print(f"warning: client {client.name}: file sink {sink.path} with state type "
+                          f"{settings.state.type}: every replica writes its own host's copy of this file")
     print(f"config ok: {len(settings.clients)} client(s): {', '.join(c.name for c in settings.clients)}")
     return EXIT_OK
 

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 
-from tokensmith.errors import TokenEndpointError, TokensmithError
+from tokensmith.errors import StateError, TokenEndpointError, TokensmithError
 from tokensmith.tokens import fingerprint
 
 log = logging.getLogger("tokensmith.compromise")
@@ -81,8 +81,7 @@ def rotate_compromised(keeper, *, accept_unrevoked: bool = False, reload_credent
         result = _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, on_refreshed)
         result["finished_at"] = time.time()
         keeper.last_compromise = result
-    if audit_path is not None:
-        append_audit(audit_path, result)
+    append_audit(audit_path, result, store=keeper.store)
     if metrics is not None and hasattr(metrics, "compromise_rotation"):
         metrics.compromise_rotation(keeper.name, result["result"])
     level = logging.WARNING if result["exit_code"] else logging.INFO
@@ -183,11 +182,23 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     return result
 
 
-def append_audit(path, result: dict) -> None:
+def append_audit(path, result: dict, store=None) -> None:
+    """The audit record (fingerprints only) goes to the log stream (journald / container stdout), to a
+    shared state backend when there is one (it outlives the pod), and to the audit log file."""
     record = {key: result[key] for key in ("time", "client", "operator", "old_token", "new_token", "grant",
                                            "reload_credentials", "steps", "invalidation", "verification",
                                            "sinks", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
+    log.info("%s", json.dumps(record, sort_keys=True, separators=(",", ":")),
+             extra={"client": record.get("client"), "event": "audit"})
+    if store is not None:
+        try:
+            store.append_audit(record)
+        except StateError as exc:
+            log.error("audit record not stored in the state backend (it is in the log stream): %s", exc.message,
+                      extra={"client": record.get("client"), "event": "audit_store_failed"})
+    if path is None:
+        return
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)

@@ -122,7 +122,7 @@ def test_a_damaged_record_is_reported_and_replaced_by_the_next_save(tmp_path, va
 
 
 def test_denied_and_unreachable_errors_name_no_secret(tmp_path, vault_kv, caplog):
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="tokensmith")
     vault_kv.root.sys.create_or_update_policy("state-" + vault_kv.prefix[-12:], f"""
         path "secret/data/{vault_kv.prefix}/*" {{ capabilities = ["create", "read", "update"] }}
         path "secret/metadata/{vault_kv.prefix}/*" {{ capabilities = ["read", "list"] }}
