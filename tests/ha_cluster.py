@@ -80,6 +80,11 @@ class Cluster:
         for replica in self.replicas:
             self.start(replica)
 
+    def wait_started(self, timeout: float = 30.0) -> None:
+        """Every running replica is past start-up (leader or standby campaigning)."""
+        wait_for(lambda: all("event=ready" in replica.logs[-1].read_text() for replica in self.replicas
+                             if replica.alive), timeout, interval=0.1)
+
     def kill(self, replica: Replica, sig=signal.SIGKILL) -> None:
         replica.process.send_signal(sig)
         if sig in (signal.SIGKILL, signal.SIGTERM):

@@ -115,20 +115,23 @@ class Daemon:
         release_freed_memory()
 
     def _build_leadership(self) -> None:
-        from tokensmith.leadership import Leadership, LocalOnly
+        from tokensmith.leadership import Leadership, LocalLeadership, lease_margin
+        from tokensmith.leases import build_lease
 
         if not self.serve:  # a CLI without a daemon here must not write a store that a leader elsewhere owns
-            self.leadership = LocalOnly()
+            self.leadership = LocalLeadership(build_lease(self.settings, self.backends), self.settings)
+            self.store.fence = self.leadership.fence
+            self.store.epoch = self.leadership.epoch
             return
         config = self.settings.leader
         for client in self.settings.clients:
-            if client.timeout + config.renew_every + 2 * config.lease_ttl * 0.1 >= config.lease_ttl:
+            if client.timeout + 2 * lease_margin(config.lease_ttl) >= config.lease_ttl:
                 raise ConfigError(f"client {client.name}: timeout {client.timeout:g}s does not fit in the leader "
-                                  f"lease: leader.lease_ttl must exceed timeout + renew_every with a margin")
-        from tokensmith.leases import build_lease
-
+                                  f"lease: leader.lease_ttl ({config.lease_ttl:g}s) must exceed it plus twice the "
+                                  f"{lease_margin(config.lease_ttl):g}s margin")
         self.leadership = Leadership(build_lease(self.settings, self.backends), self.settings,
-                                     on_elected=self._take_over, on_deposed=self._step_down, metrics=self.metrics)
+                                     on_elected=self._take_over, on_deposed=self._step_down, metrics=self.metrics,
+                                     max_deadline=max(client.timeout for client in self.settings.clients))
         self.store.fence = self.leadership.fence
         if self.metrics is not None:
             from tokensmith.leadership import instrument

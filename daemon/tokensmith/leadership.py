@@ -18,12 +18,18 @@ log = logging.getLogger("tokensmith.leadership")
 MARGIN_FRACTION = 0.1
 
 
+def lease_margin(lease_ttl: float) -> float:
+    return max(lease_ttl * MARGIN_FRACTION, 0.2)
+
+
 class Leadership:
-    def __init__(self, lease, settings, *, on_elected, on_deposed, metrics=None, clock=time.monotonic):
+    def __init__(self, lease, settings, *, on_elected, on_deposed, metrics=None, clock=time.monotonic,
+                 max_deadline: float = 0.0):
         config = settings.leader
         self.identity = config.name
-        self.renew_every = config.renew_every
-        self.margin = max(config.lease_ttl * MARGIN_FRACTION, 0.2)
+        self.margin = lease_margin(config.lease_ttl)
+        # renew often enough that the longest token request always fits in what is left of the lease
+        self.renew_every = max(min(config.renew_every, config.lease_ttl - 2 * self.margin - max_deadline), 0.2)
         self.elector = Elector(lease, self.identity, ttl=config.lease_ttl, margin=self.margin, clock=clock)
         self.lease = lease
         self.on_elected = on_elected
@@ -35,6 +41,8 @@ class Leadership:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed = threading.Condition()
+        self._rounds = 0
         if metrics is not None:
             metrics.leadership(None)
 
@@ -48,7 +56,13 @@ class Leadership:
         self.elector.check(0.0, "refresh")
         left = self.elector.remaining()
         if left < deadline + self.margin:
-            self._wake.set()  # renew now
+            with self._renewed:  # ask the loop to renew now, and wait for that round
+                seen = self._rounds
+                self._wake.set()
+                self._renewed.wait_for(lambda: self._rounds != seen, timeout=self.renew_every)
+            self.elector.check(0.0, "refresh")
+            left = self.elector.remaining()
+        if left < deadline + self.margin:
             raise LeaseError(f"leader lease has {left:.1f}s left, less than the request deadline "
                              f"{deadline:.1f}s plus {self.margin:.1f}s margin; waiting for its renewal")
 
@@ -105,19 +119,24 @@ class Leadership:
                 self._elected()
             elif not leading and self.active:
                 self._deposed()
+            with self._renewed:
+                self._rounds += 1
+                self._renewed.notify_all()
             self._wake.wait(delay)
             self._wake.clear()
 
     def _elected(self) -> None:
         with self._transition:
             epoch = self.elector.epoch
+            self.active = True  # before the jobs exist: their first run must find this replica leading
             try:
                 self.on_elected(epoch)
             except Exception:
                 log.exception("taking over as leader failed; giving the lease up", extra={"event": "takeover_failed"})
+                self.active = False
+                self.on_deposed()
                 self.elector.release()
                 return
-            self.active = True
             if self.metrics is not None:
                 self.metrics.leadership(True)
         log.info("this replica is the leader (epoch %d)", epoch, extra={"event": "leader_elected"})
@@ -152,19 +171,55 @@ class Leadership:
                 "epoch": leader["epoch"], "lease_expires_in": leader["lease_expires_in"]}
 
 
-class LocalOnly:
-    """A CLI run without a daemon on a shared backend: the store belongs to the elected leader, so
-    nothing here may refresh or write; rotate and once go to the leader's host instead."""
+class LocalLeadership:
+    """A CLI run without a daemon here (`once`, `rotate`) on a shared backend: it may refresh only
+    while no daemon anywhere leads. It takes the lease if it is free (never held, or released),
+    renews it as it goes and releases it at exit; a lease someone holds is refused, naming them."""
 
-    active = False
-    epoch = 0
+    def __init__(self, lease, settings, *, clock=time.monotonic):
+        import atexit
+        import os
+
+        config = settings.leader
+        self.margin = lease_margin(config.lease_ttl)
+        # never the daemon's identity: a matching holder would be taken for this process's own earlier run
+        self.elector = Elector(lease, f"{config.name}:cli:{os.getpid()}", ttl=config.lease_ttl, margin=self.margin,
+                               clock=clock)
+        self.refusal = None
+        try:
+            current = lease.read()
+            if current is not None and current.holder is not None:
+                self.refusal = (f"the leader {current.holder} (epoch {current.epoch}) holds the lease in {lease.where}: "
+                                f"only the elected leader refreshes; run this on its host")
+            elif not self.elector.step():
+                self.refusal = f"another replica took the lease in {lease.where} first"
+        except LeaseError as exc:
+            self.refusal = f"the leader lease cannot be read: {exc.message}"
+        if self.active:
+            atexit.register(self.elector.release)
+
+    @property
+    def active(self) -> bool:
+        return self.elector.held is not None
+
+    @property
+    def epoch(self) -> int:
+        return self.elector.epoch
 
     def before_request(self, deadline: float) -> None:
-        raise FencedError("the state store is shared: only the elected leader refreshes; run rotate on the "
-                          "leader's host (see `tokensmith status` there)")
+        if not self.active:
+            raise FencedError(self.refusal or "not the leader")
+        if self.elector.remaining() < deadline + 2 * self.margin:
+            try:
+                self.elector.step()  # renew
+            except LeaseError:
+                pass
+        self.elector.check(deadline + self.margin, "refresh")
 
     def fence(self) -> None:
-        self.before_request(0.0)
+        if not self.active:
+            raise FencedError(self.refusal or "not the leader")
+        self.elector.check(0.0, "write")
 
     def fenced(self, reason: str) -> None:
         pass

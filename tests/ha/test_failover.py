@@ -19,7 +19,12 @@ from tokensmith.devserver import OAuthServer
 LEASE_TTL = 3.0
 RENEW_EVERY = 1.0
 LIFETIME = 15  # refreshed at half-life (7.5 s +- 1.5 s): longer left than a takeover takes
-TAKEOVER_BOUND = LEASE_TTL + 2 * RENEW_EVERY + 3.0  # the ttl plus a renew and a campaign period, plus start-up slack
+# the ttl, plus a renew and a campaign period, plus slack for a loaded machine
+TAKEOVER_BOUND = LEASE_TTL + 2 * RENEW_EVERY + 5.0
+# The provider revokes an access token when its refresh token is spent, so a sink holds a revoked
+# token from that answer until the new one is written: milliseconds, or seconds on a loaded machine.
+# A token a deposed leader wrote, or one left behind, would stay until the next refresh (>= 6 s).
+REVOKED_BOUND = 3.0
 
 
 @pytest.fixture
@@ -46,6 +51,7 @@ def test_sigkill_the_leader_repeatedly(tmp_path, vault_kv, token_server, report)
     takeovers, kills = [], []
     try:
         cluster.wait_all_sinks(30)
+        cluster.wait_started()
         with Consumer(cluster) as consumer:
             epoch = int(cluster.lease()["epoch"])
             for _ in range(3):
@@ -59,17 +65,17 @@ def test_sigkill_the_leader_repeatedly(tmp_path, vault_kv, token_server, report)
                 assert new_epoch == epoch + 1
                 epoch = new_epoch
                 cluster.start(leader)  # it comes back as a standby
+                cluster.wait_started()
             # every client keeps being refreshed by the last leader
             refreshes = token_server.stats["issued"]
             wait_for(lambda: token_server.stats["issued"] >= refreshes + len(cluster.names), 20, interval=0.2)
             cluster.wait_all_sinks(15)
         reuse = token_server.stats["refresh_reuse"]
         assert not consumer.expired, f"a sink held an expired token: {consumer.expired[:5]}"
-        # the provider revokes the old access token when its refresh token is spent: a sink holds it
-        # until the new one is written (milliseconds), or, if the kill landed in between, until the
-        # new leader writes the stored token
+        # a kill between the provider's answer and the sink write leaves the revoked token there
+        # until the new leader writes the stored one: those spans are left out
         longest = consumer.longest_revoked(excluding=kills, grace=1.0)
-        assert longest < 1.0, f"a sink held a revoked token for {longest:.2f}s"
+        assert longest < REVOKED_BOUND, f"a sink held a revoked token for {longest:.2f}s"
         # reuse only from a kill between the provider's answer and the state write: at most one per
         # refresh in flight (8 workers) per kill, and every client recovered (sinks fresh above)
         assert reuse <= 8 * len(kills)
@@ -89,6 +95,7 @@ def test_paused_leader_is_fenced_when_it_resumes(tmp_path, vault_kv, token_serve
     cluster.start_all()
     try:
         cluster.wait_all_sinks(30)
+        cluster.wait_started()
         with Consumer(cluster) as consumer:
             old = wait_for(cluster.leader, 10)
             time.sleep(1.0)
@@ -110,7 +117,7 @@ def test_paused_leader_is_fenced_when_it_resumes(tmp_path, vault_kv, token_serve
         assert "event=refreshed" not in after_log, "the deposed leader refreshed after it resumed"
         assert cluster.lease()["holder"] == holder and int(cluster.lease()["epoch"]) == epoch
         assert not consumer.expired
-        assert consumer.longest_revoked() < 1.0
+        assert consumer.longest_revoked() < REVOKED_BOUND
         figures(report, "SIGSTOP the leader past its lease, then SIGCONT",
                 "the resumed leader stepped down; it refreshed nothing and spent no refresh token",
                 takeover_seconds=round(takeover, 2), refresh_token_reuse=token_server.stats["refresh_reuse"],
@@ -132,8 +139,8 @@ def test_restarting_every_replica_keeps_the_stored_tokens(tmp_path, vault_kv, re
             requests = server.stats["token_requests"]
             restarted = time.monotonic()
             cluster.start_all()
-            leader = wait_for(cluster.leader, 15)
-            wait_for(lambda: "event=takeover" in leader.log.split("event=stopping")[-1], 15, interval=0.1)
+            leader = wait_for(cluster.leader, 30)
+            wait_for(lambda: "event=takeover" in leader.log.split("event=stopping")[-1], 30, interval=0.1)
             elected = time.monotonic() - restarted
             time.sleep(max(0.0, 10.0 - elected))
             refreshed = server.stats["token_requests"] - requests
@@ -157,6 +164,7 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
     cluster.start_all()
     try:
         cluster.wait_all_sinks(30)
+        cluster.wait_started()
         leader = wait_for(cluster.leader, 10)
         standby = next(replica for replica in cluster.replicas if replica is not leader)
 
@@ -198,11 +206,12 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="save"\} [1-9]', leader_metrics)
         assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="lease"\} [1-9]', standby_metrics)
 
-        cluster.stop_all()  # no daemon at all: a local rotate must not write a store a leader owns
+        cluster.kill(leader)  # no daemon at all, but the lease is still held: a local rotate must not write
+        cluster.stop_all()
         issued = token_server.stats["issued"]
         local = cli(standby, "rotate", "c001")
         assert local.returncode != 0
-        assert "only the elected leader refreshes" in local.stdout + local.stderr
+        assert f"the leader {leader.name} (epoch 1) holds the lease" in local.stdout + local.stderr
         assert token_server.stats["issued"] == issued
     finally:
         cluster.stop_all()
