@@ -142,14 +142,17 @@ def test_restarting_every_replica_keeps_the_stored_tokens(tmp_path, vault_kv, re
             leader = wait_for(cluster.leader, 30)
             wait_for(lambda: "event=takeover" in leader.log.split("event=stopping")[-1], 30, interval=0.1)
             elected = time.monotonic() - restarted
-            time.sleep(max(0.0, 10.0 - elected))
+            # a takeover that refreshed what it could keep would do so at once; watch 5 s past it
+            watch_until = time.monotonic() + 5.0
+            while time.monotonic() < watch_until and server.stats["token_requests"] == requests:
+                time.sleep(0.25)
             refreshed = server.stats["token_requests"] - requests
             assert cluster.all_sinks_fresh()
         finally:
             cluster.stop_all()
     assert refreshed < clients * 0.01, f"{refreshed} of {clients} clients refreshed after the restart"
     figures(report, "restart every replica at once (2 replicas, 50 clients)",
-            "the new leader kept every stored token", token_requests_in_first_10s=refreshed,
+            "the new leader kept every stored token", token_requests_until_5s_after_takeover=refreshed,
             leader_elected_after_seconds=round(elected, 2))
 
 
