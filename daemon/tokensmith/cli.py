@@ -245,9 +245,9 @@ def cmd_status(args) -> int:
     reply = via_daemon(args, {"op": "status"})
     if reply is None:
         settings = load(args)
-        from tokensmith.state import StateStore
+        from tokensmith.state import build_state_backend
 
-        store = StateStore(settings.state_dir)
+        store = build_state_backend(settings)
         statuses = []
         for client in settings.clients:
             try:

@@ -526,7 +526,8 @@ def describe_errors(exc: ValidationError, data: Any) -> list[str]:
                 parts.append(label)
                 node = node[loc] if isinstance(node, list) and loc < len(node) else None
             else:
-                if loc in ("vault", "aws", "file", "env", "signal", "command", "dynamodb") and parts and isinstance(node, dict) \
+                if loc in ("vault", "aws", "file", "env", "signal", "command", "dynamodb") and parts \
+                        and isinstance(node, dict) \
                         and node.get("type") == loc:
                     continue
                 parts.append(("." if parts else "") + str(loc))

@@ -8,6 +8,8 @@ because hvac's own text can carry server output.
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from typing import Callable
 
@@ -44,6 +46,28 @@ def describe(exc: vault_exc.VaultError) -> str:
     return f"{said} (HTTP {status})" if status else said
 
 
+def _consistent(index: str | None) -> dict:
+    """OpenBao: a node that has not applied `index` yet forwards the request to the active node
+    (a standby checks a write's check-and-set version against its own copy before forwarding it)."""
+    return {"X-Vault-Index": index, "X-Vault-Inconsistent": "forward-active-node"} if index else {}
+
+
+def later_index(held: str | None, new: str) -> str:
+    """The later of two storage indexes. OpenBao's is base64 JSON {"cluster", "value"}; anything
+    else (or another cluster) counts as later, so concurrent writes never move the index back."""
+    def parse(index):
+        try:
+            data = json.loads(base64.b64decode(index))
+            return data["cluster"], int(data["value"])
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    old, now = parse(held) if held else None, parse(new)
+    if old and now and old[0] == now[0] and old[1] > now[1]:
+        return held
+    return new
+
+
 class VaultClient:
     def __init__(self, config: VaultConfig):
         self.config = config
@@ -57,6 +81,9 @@ class VaultClient:
                                  timeout=config.timeout, session=session)
         self._lock = threading.Lock()
         self._logins = 0  # bumped by every login, so racing threads re-authenticate once, not each
+        # OpenBao's storage index after this client's latest KV v2 write (any record: state, lease).
+        # Sent with every kv2_* request, so no node answers from a copy older than that write.
+        self.index: str | None = None
 
     def read_kv(self, mount: str, path: str, version: int, client: str | None = None,
                 error_cls: type[TokensmithError] = SourceError) -> dict:
@@ -105,7 +132,7 @@ class VaultClient:
         """(data, version, storage index) of the latest version: data None when deleted or absent,
         version 0 when absent. With index (from an earlier answer), a standby that has not applied
         it yet forwards the read to the active node instead of answering from its older copy."""
-        headers = {"X-Vault-Index": index, "X-Vault-Inconsistent": "forward-active-node"} if index else {}
+        headers = _consistent(index or self.index)
 
         def read(kv: hvac.Client) -> dict:
             try:
@@ -123,14 +150,17 @@ class VaultClient:
         data = body.get("data")
         return (data if isinstance(data, dict) else None), int(version), answer.get("index")
 
-    def kv2_put(self, mount: str, path: str, data: dict, cas: int, *, client: str | None = None,
-                error_cls: type[TokensmithError] = SinkError) -> tuple[int | None, str | None]:
+    def kv2_put(self, mount: str, path: str, data: dict, cas: int, *, index: str | None = None,
+                client: str | None = None, error_cls: type[TokensmithError] = SinkError
+                ) -> tuple[int | None, str | None]:
         """Write only if the latest version is `cas` (0: only if there is none). (new version,
-        storage index), or (None, None) when another writer got there first."""
+        storage index), or (None, None) when another writer got there first. A standby checks the
+        version against its own copy before it forwards the write, so index matters here too."""
+        headers = _consistent(index or self.index)
 
         def write(kv: hvac.Client) -> dict:
             try:
-                response = RawAdapter.request(kv.adapter, "post", f"/v1/{mount}/data/{path}",
+                response = RawAdapter.request(kv.adapter, "post", f"/v1/{mount}/data/{path}", headers=dict(headers),
                                               json={"options": {"cas": cas}, "data": data})
             except vault_exc.InvalidRequest as exc:
                 if CAS_MISMATCH in " ".join(str(error) for error in (exc.errors or [])):
@@ -141,6 +171,8 @@ class VaultClient:
         answer = self._call(write, f"vault secret {mount}/{path}", client, error_cls)
         if answer.get("conflict"):
             return None, None
+        if answer.get("index"):
+            self.index = later_index(self.index, answer["index"])
         version = ((answer.get("body") or {}).get("data") or {}).get("version")
         if not version:
             raise error_cls(f"vault secret {mount}/{path}: the write answered no version", client=client,
@@ -150,7 +182,7 @@ class VaultClient:
     def kv2_list(self, mount: str, path: str, *, index: str | None = None, client: str | None = None,
                  error_cls: type[TokensmithError] = SourceError) -> list[str]:
         """The keys under a KV v2 folder ([] when there is none)."""
-        headers = {"X-Vault-Index": index, "X-Vault-Inconsistent": "forward-active-node"} if index else {}
+        headers = _consistent(index or self.index)
 
         def listing(kv: hvac.Client) -> dict:
             try:

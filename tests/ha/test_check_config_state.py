@@ -24,7 +24,8 @@ def check(tmp_path, config: dict) -> subprocess.CompletedProcess:
 
 
 def test_the_default_is_the_file_backend(tmp_path):
-    settings = load_settings(None, {"TOKENSMITH_STATE_DIR": str(tmp_path), "TOKENSMITH_CLIENTS": yaml.safe_dump([CLIENT])})
+    settings = load_settings(None, {"TOKENSMITH_STATE_DIR": str(tmp_path),
+                                    "TOKENSMITH_CLIENTS": yaml.safe_dump([CLIENT])})
     assert settings.state.type == "file"
 
 

@@ -146,3 +146,52 @@ def test_a_table_with_the_wrong_key_is_refused(tmp_path, table):
                              BillingMode="PAY_PER_REQUEST")
     with pytest.raises(StateError, match="must have the string partition key pk"):
         backend(tmp_path, table, name=other).prepare()
+
+
+def test_with_a_lease_condition_a_replica_that_lost_the_lease_writes_nothing(tmp_path, table):
+    from tokensmith.state import FencedError
+
+    db = table["db"]
+    db.put_item(TableName=table["name"], Item={"pk": {"S": "lease"}, "holder": {"S": "pod-a"}, "epoch": {"N": "4"}})
+    leader, usurped = backend(tmp_path / "a", table), backend(tmp_path / "b", table)
+    for store, holder in ((leader, "pod-a"), (usurped, "pod-b")):
+        store.lease_condition = {"Key": {"pk": {"S": "lease"}},
+                                 "ConditionExpression": "holder = :h AND epoch = :e",
+                                 "ExpressionAttributeValues": {":h": {"S": holder}, ":e": {"N": "4"}}}
+    leader.save("billing", state(1))
+    assert usurped.load("billing") == state(1)
+    with pytest.raises(FencedError, match="no longer holds the leader lease"):
+        usurped.save("billing", state(2))  # its CAS version is current: only the lease check stops it
+    assert item(table, "billing")["version"]["N"] == "1"
+    other = backend(tmp_path / "c", table)
+    other.lease_condition = leader.lease_condition
+    assert other.load("billing") == state(1)
+    leader.save("billing", state(3))
+    with pytest.raises(StaleStateError):
+        other.save("billing", state(4))  # holds the lease, but read an old version
+    assert json.loads(item(table, "billing")["state"]["S"])["access_token"] == f"{SECRET_ACCESS}-3"
+
+
+def test_racing_writers_lose_no_update(tmp_path, table):
+    import threading
+
+    stores = [backend(tmp_path / str(n), table) for n in range(2)]
+    stores[0].save("counter", ClientState(last_refresh=0.0))
+
+    def bump(store, times):
+        done = 0
+        while done < times:
+            current = store.load("counter")
+            try:
+                store.save("counter", ClientState(last_refresh=current.last_refresh + 1))
+                done += 1
+            except StaleStateError:
+                pass
+
+    threads = [threading.Thread(target=bump, args=(store, 15)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    stored = item(table, "counter")
+    assert json.loads(stored["state"]["S"])["last_refresh"] == 30.0 and stored["version"]["N"] == "31"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from hvac.exceptions import InvalidPath
 
 from fixtures_stores import store_settings
 from tokensmith.config import VaultStateConfig
@@ -149,3 +150,47 @@ def test_prepare_rejects_a_mount_that_does_not_exist(tmp_path, vault_kv):
     settings = settings.model_copy(update={"state": VaultStateConfig(type="vault", mount="nosuchmount")})
     with pytest.raises(StateError, match="state backend vault at nosuchmount/tokensmith: .*no such mount"):
         build_state_backend(settings).prepare()
+
+
+def test_racing_writers_lose_no_update(tmp_path, vault_kv):
+    """Two replicas' backends increment one record from two threads: every conflict is a
+    StaleStateError, the loser re-reads, and the final record holds every increment."""
+    import threading
+
+    stores = [backend(tmp_path / str(n), vault_kv) for n in range(2)]
+    stores[0].save("counter", ClientState(last_refresh=0.0))
+
+    def bump(store, times):
+        done = 0
+        while done < times:
+            current = store.load("counter")
+            try:
+                store.save("counter", ClientState(last_refresh=current.last_refresh + 1))
+                done += 1
+            except StaleStateError:
+                pass
+
+    threads = [threading.Thread(target=bump, args=(store, 15)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    final = record(vault_kv, "counter")
+    assert final["data"]["state"]["last_refresh"] == 30.0
+    assert final["metadata"]["version"] == 31
+
+
+def test_moving_a_host_from_the_file_backend_keeps_its_state(tmp_path, vault_kv):
+    from tokensmith.state import StateStore
+
+    files = StateStore(tmp_path)
+    files.prepare()
+    files.save("billing", state(1))
+    store = backend(tmp_path, vault_kv)
+    assert store.load("billing") == state(1)  # no record yet: the file is read
+    with pytest.raises(InvalidPath):
+        record(vault_kv, "billing")
+    store.save("billing", state(2))
+    assert record(vault_kv, "billing")["metadata"]["version"] == 1
+    files.save("billing", state(9))  # from now on the record wins over the file
+    assert store.load("billing") == state(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 from tokensmith.errors import StateError
+from tokensmith.state import FencedError
 from tokensmith.state.shared import MAX_CLIENTS, SharedStateStore
 
 CLIENT = "client#"
@@ -23,6 +24,10 @@ class DynamoStateStore(SharedStateStore):
         super().__init__(directory)
         self.table = config.table
         self.db = dynamodb
+        # Set by leadership: a ConditionCheck on the lease item ({"Key", "ConditionExpression",
+        # "ExpressionAttributeValues"}) made part of every state write, in one transaction: a
+        # replica that no longer holds the lease writes nothing (FencedError), whatever its clock says.
+        self.lease_condition: dict | None = None
 
     @classmethod
     def from_settings(cls, settings, backends) -> "DynamoStateStore":
@@ -58,11 +63,25 @@ class DynamoStateStore(SharedStateStore):
             condition = {"ConditionExpression": "version = :v", "ExpressionAttributeValues": {":v": {"N": str(cas)}}}
         else:
             condition = {"ConditionExpression": "attribute_not_exists(pk)"}
+        lease = self.lease_condition
         try:
-            self.db.put_item(TableName=self.table, Item=item, **condition)
+            if lease is None:
+                self.db.put_item(TableName=self.table, Item=item, **condition)
+            else:
+                self.db.transact_write_items(TransactItems=[
+                    {"ConditionCheck": {"TableName": self.table, **lease}},
+                    {"Put": {"TableName": self.table, "Item": item, **condition}}])
         except Exception as exc:
-            if error_code(exc) == "ConditionalCheckFailedException":
+            code = error_code(exc)
+            if code == "ConditionalCheckFailedException":
                 return None
+            if code == "TransactionCanceledException":
+                reasons = [reason.get("Code") for reason in exc.response.get("CancellationReasons") or []]
+                if reasons[:1] == ["ConditionalCheckFailed"]:
+                    raise FencedError("this replica no longer holds the leader lease; nothing was written",
+                                      client=client) from exc
+                if reasons[1:2] == ["ConditionalCheckFailed"]:
+                    return None
             from tokensmith.aws import map_client_error
 
             raise map_client_error(exc, client, f"dynamodb table {self.table}: write", StateError) from exc

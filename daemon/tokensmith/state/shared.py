@@ -8,6 +8,7 @@ Version 0 means "no record": a write with cas 0 succeeds only if nobody has crea
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
@@ -17,6 +18,8 @@ from pathlib import Path
 from tokensmith.errors import StateError
 from tokensmith.state import ClientState, StaleStateError, check_types
 from tokensmith.state.file import _KNOWN, _NAMES, FORMAT_VERSION, StateStore
+
+log = logging.getLogger("tokensmith.state")
 
 MAX_CLIENTS = 100_000  # load_all stops here rather than paging without end
 
@@ -84,8 +87,19 @@ class SharedStateStore:
         pass
 
     def load(self, client: str) -> ClientState | None:
+        """The stored record; with none yet, what the file backend left in state_dir (a host moving to
+        a shared backend keeps its refresh-token chains: the first save creates the record)."""
         record, version = self._read(client)
-        return self._decode(client, record, version)
+        state = self._decode(client, record, version)
+        if state is None and version == 0:
+            try:
+                state = self.local.load(client)
+            except StateError:
+                state = None
+            if state is not None:
+                log.info("no %s record yet: using the state file left in %s; the next save stores it", self.what,
+                         self.directory, extra={"client": client, "event": "state_imported"})
+        return state
 
     def load_if_changed(self, client: str) -> ClientState | None:
         record, version = self._read(client)
@@ -99,9 +113,9 @@ class SharedStateStore:
         for client in self._list()[:MAX_CLIENTS]:
             try:
                 state = self.load(client)
-            except StaleStateError:
-                raise
-            except StateError:
+            except StateError as exc:
+                if exc.retryable:  # the store is failing: a partial takeover view is worse than none
+                    raise
                 continue
             if state is not None:
                 states[client] = state

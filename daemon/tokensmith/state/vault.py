@@ -2,9 +2,11 @@
 
 Every write is check-and-set (options.cas) on the version this object last read or wrote, so a
 stale writer fails instead of overwriting. Vault encrypts the records at rest (its barrier).
-OpenBao standbys answer reads from their own copy, which can lag: every read carries the storage
-index of this object's last write (X-Vault-Index with X-Vault-Inconsistent: forward-active-node),
-so a node that has not applied it forwards the read to the active node."""
+OpenBao standbys answer reads (and check a write's CAS version) from their own copy, which can lag:
+every request carries the storage index of the shared VaultClient's latest write (X-Vault-Index
+with X-Vault-Inconsistent: forward-active-node), so a node that has not applied it forwards the
+request to the active node. A replica that has written its lease record through the same client
+therefore reads every state write committed before its lease."""
 
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ class VaultStateStore(SharedStateStore):
         self.mount = config.mount
         self.prefix = config.prefix
         self.vault = vault
-        self.index: str | None = None  # the storage index of this object's last write
 
     @classmethod
     def from_settings(cls, settings, backends) -> "VaultStateStore":
@@ -30,19 +31,16 @@ class VaultStateStore(SharedStateStore):
         return f"{self.prefix}/clients/{client}"
 
     def _read(self, client: str) -> tuple[dict | None, int]:
-        data, version, _ = self.vault.kv2_get(self.mount, self._path(client), index=self.index, client=client,
-                                              error_cls=StateError)
+        data, version, _ = self.vault.kv2_get(self.mount, self._path(client), client=client, error_cls=StateError)
         return data, version
 
     def _write(self, client: str, record: dict, cas: int) -> int | None:
-        version, index = self.vault.kv2_put(self.mount, self._path(client), record, cas, client=client,
-                                            error_cls=StateError)
-        if index:
-            self.index = index
+        version, _ = self.vault.kv2_put(self.mount, self._path(client), record, cas, client=client,
+                                        error_cls=StateError)
         return version
 
     def _list(self) -> list[str]:
-        return [key for key in self.vault.kv2_list(self.mount, f"{self.prefix}/clients", index=self.index,
+        return [key for key in self.vault.kv2_list(self.mount, f"{self.prefix}/clients",
                                                    error_cls=StateError) if not key.endswith("/")]
 
     def _put_audit(self, key: str, record: dict) -> None:
@@ -51,9 +49,9 @@ class VaultStateStore(SharedStateStore):
     def audit_records(self) -> list[dict]:
         """Every stored audit record, oldest first (for operators and tests)."""
         records = []
-        for key in sorted(self.vault.kv2_list(self.mount, f"{self.prefix}/audit", index=self.index,
+        for key in sorted(self.vault.kv2_list(self.mount, f"{self.prefix}/audit",
                                               error_cls=StateError)):
-            data, _, _ = self.vault.kv2_get(self.mount, f"{self.prefix}/audit/{key}", index=self.index,
+            data, _, _ = self.vault.kv2_get(self.mount, f"{self.prefix}/audit/{key}",
                                             error_cls=StateError)
             if data is not None:
                 records.append(data)

@@ -1,15 +1,19 @@
-"""`tokensmith run` with `state: {type: vault}`: a pod loses its local state_dir (an emptyDir) and
+"""`tokensmith run` with `state: {type: vault}` (and dynamodb): a pod loses its local state_dir (an emptyDir) and
 comes back. Fresh tokens are kept without a refresh, and a `grant: refresh_token` client whose
 refresh token was seeded once continues its single-use chain from the record in OpenBao."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
 
+import boto3
 import pytest
 import requests
 
 from daemon_harness import Project, wait_for, write_private
+from fixtures_stores import AWS_ENV
 from tokensmith.devserver import OAuthServer
 
 
@@ -80,6 +84,34 @@ def test_state_in_vault_survives_losing_the_state_dir(tmp_path, server, vault_kv
         assert token not in text
 
 
+def test_state_in_dynamodb_survives_losing_the_state_dir(tmp_path, server, moto_server):
+    table = "tokensmith-" + uuid.uuid4().hex[:10]
+    db = boto3.client("dynamodb", region_name=AWS_ENV["AWS_REGION"], endpoint_url=moto_server,
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    db.create_table(TableName=table, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}], BillingMode="PAY_PER_REQUEST")
+    env = {**AWS_ENV, "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    project = chain_project(tmp_path, server, {"type": "dynamodb", "table": table},
+                            aws={"region": AWS_ENV["AWS_REGION"], "endpoint_url": moto_server})
+    daemon = project.start(env=env)
+    try:
+        daemon.wait_ready()
+        wait_for(lambda: server.stats["refresh_exchanges"] >= 2, timeout=15)
+    finally:
+        assert daemon.stop() == 0
+    fresh_token = project.token("fresh")
+    exchanges = server.stats["refresh_exchanges"]
+    lose_the_pod(project)
+    daemon = project.start(env=env)
+    try:
+        wait_for(lambda: server.stats["refresh_exchanges"] >= exchanges + 2, timeout=15)
+    finally:
+        assert daemon.stop() == 0
+    assert project.token("fresh") == fresh_token and server.stats["refresh_reuse"] == 0
+    item = db.get_item(TableName=table, Key={"pk": {"S": "client#chain"}}, ConsistentRead=True)["Item"]
+    assert json.loads(item["state"]["S"])["refresh_token"] == server.issued_refresh_tokens("chain")[-1]
+
+
 def test_with_the_file_backend_the_same_pod_loss_breaks_the_chain(tmp_path, server):
     """The failure the vault backend removes: the seeded refresh token was spent long ago."""
     project = chain_project(tmp_path, server, {"type": "file"})
@@ -96,3 +128,16 @@ def test_with_the_file_backend_the_same_pod_loss_breaks_the_chain(tmp_path, serv
     finally:
         daemon.stop()
     assert "refresh token has already been used" in daemon.log or "invalid_grant" in daemon.log
+
+
+def test_status_without_a_daemon_reads_the_vault_backend(tmp_path, server, vault_kv):
+    project = Project(tmp_path, server, vault=vault_kv.vault_config(),
+                      state={"type": "vault", "mount": "secret", "prefix": vault_kv.prefix})
+    project.add_client("fresh", lifetime=300)
+    project.write()
+    assert project.cli("once").returncode == 0
+    lose_the_pod(project)
+    result = project.cli("status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [status] = json.loads(result.stdout)["clients"]
+    assert status["client"] == "fresh" and status["valid"] and status["token"]
