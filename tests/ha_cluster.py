@@ -35,7 +35,7 @@ class Replica:
 
 class Cluster:
     def __init__(self, root: Path, vault_kv, server, *, clients: int, replicas: int, lifetime: int,
-                 lease_ttl: float = 3.0, renew_every: float = 1.0):
+                 lease_ttl: float = 3.0, renew_every: float = 1.0, addresses: list[str] | None = None):
         self.root = root
         self.kv = vault_kv
         self.server = server
@@ -54,10 +54,13 @@ class Cluster:
                 "sinks": [{"type": "vault", "mount": "secret", "path": self.sink_path(name)}]})
         self.clients_config = clients_config
         self.lease_config = {"lease_ttl": lease_ttl, "renew_every": renew_every}
-        for replica in self.replicas:
+        for index, replica in enumerate(self.replicas):
             replica.root.mkdir(parents=True, exist_ok=True)
+            vault = vault_kv.vault_config()
+            if addresses:  # each replica through its own node of a cluster
+                vault["address"] = addresses[index % len(addresses)]
             config = {"state_dir": str(replica.root / "state"), "runtime_dir": str(replica.root / "run"),
-                      "health": {"listen": "127.0.0.1:0"}, "vault": vault_kv.vault_config(),
+                      "health": {"listen": "127.0.0.1:0"}, "vault": vault,
                       "state": {"type": "vault", "mount": "secret", "prefix": self.prefix},
                       "leader": {**self.lease_config, "identity": replica.name},
                       "scheduler": {"max_workers": 8}, "clients": clients_config}
