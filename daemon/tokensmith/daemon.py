@@ -122,6 +122,8 @@ class Daemon:
             self.leadership = LocalLeadership(build_lease(self.settings, self.backends), self.settings)
             self.store.fence = self.leadership.fence
             self.store.epoch = self.leadership.epoch
+            if self.leadership.active:
+                self._fence_store(self.leadership.elector.identity, self.leadership.epoch)
             return
         config = self.settings.leader
         for client in self.settings.clients:
@@ -138,10 +140,17 @@ class Daemon:
 
             instrument(self.store, self.metrics)
 
+    def _fence_store(self, identity: str, epoch: int) -> None:
+        """Where the store can check the lease inside each write (DynamoDB transactions), make it."""
+        condition = getattr(self.leadership.elector.lease, "fence_condition", None)
+        if condition is not None and hasattr(self.store, "lease_condition"):
+            self.store.lease_condition = condition(identity, epoch)
+
     def _take_over(self, epoch: int) -> None:
         """Won the lease: every client's state as the store holds it now, then schedule from it
         (fresh tokens are kept; only what is due refreshes)."""
         self.store.epoch = epoch
+        self._fence_store(self.leadership.elector.identity, epoch)
         states = self.store.load_all()
         with self._jobs_lock:
             for name, keeper in list(self.keepers.items()):

@@ -211,3 +211,30 @@ def test_leadership_refuses_a_token_request_the_lease_may_not_outlive(vault_kv):
         leadership.fence()
     leadership.fenced("test")
     assert events == [1, "deposed"] and not leadership.active
+
+
+def test_dynamodb_state_write_of_a_deposed_leader_fails_inside_the_store(aws_env, tmp_path):
+    """Fencing without any clock: the state write carries a ConditionCheck on the lease item, so
+    once another replica holds the lease a paused leader's write fails even if it thinks it leads."""
+    from tokensmith.config import DynamoStateConfig
+    from tokensmith.state import ClientState, FencedError as StoreFenced
+    from tokensmith.state.dynamodb import DynamoStateStore
+    import boto3
+
+    make = dynamo_lease(aws_env)
+    a, clock_a = candidate(make, "a")
+    b, clock_b = candidate(make, "b")
+    assert a.step()
+    store_a = DynamoStateStore(DynamoStateConfig(type="dynamodb", table="tokensmith"),
+                               boto3.client("dynamodb", region_name=aws_env.region), tmp_path / "a")
+    store_a.epoch = a.epoch
+    store_a.lease_condition = a.lease.fence_condition("a", a.epoch)
+    store_a.save("billing", ClientState(access_token="one", obtained_at=1.0, expires_at=100.0))
+    assert b.step() is False
+    clock_b.advance(TTL)
+    assert b.step() is True and b.epoch == 2
+    # a never noticed (its clock was stopped): its own check would let it write, the store does not
+    assert a.is_leader
+    with pytest.raises(StoreFenced, match="no longer holds the leader lease"):
+        store_a.save("billing", ClientState(access_token="two", obtained_at=2.0, expires_at=100.0))
+    assert store_a.load("billing").access_token == "one"

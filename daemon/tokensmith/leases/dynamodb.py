@@ -27,6 +27,13 @@ class DynamoLease:
         timeout = min(aws.timeout, 5.0, max(settings.leader.renew_every, 0.5))
         return cls(make_client("dynamodb", type(aws)(**{**dict(aws), "timeout": timeout})), settings.state.table)
 
+    def fence_condition(self, holder: str, epoch: int) -> dict:
+        """A ConditionCheck on this item for the state backend's writes (one transaction each): a
+        state write succeeds only while the lease still names this holder and epoch -- true fencing,
+        independent of any clock."""
+        return {"Key": {"pk": {"S": KEY}}, "ConditionExpression": "holder = :holder AND epoch = :epoch",
+                "ExpressionAttributeValues": {":holder": {"S": holder}, ":epoch": {"N": str(epoch)}}}
+
     def read(self) -> LeaseRecord | None:
         try:
             item = self.dynamodb.get_item(TableName=self.table, Key={"pk": {"S": KEY}}, ConsistentRead=True).get("Item")
