@@ -235,10 +235,28 @@ def format_status_line(status: dict) -> str:
 
 def format_leadership(lead: dict) -> str:
     expiry = lead.get("lease_expires_in")
-    leader = (f"{lead['leader']} (epoch {lead['epoch']}, lease expires in {expiry:g}s)" if lead.get("leader")
-              else "none elected")
+    leader = "none elected"
+    if lead.get("leader"):
+        leader = f"{lead['leader']} (epoch {lead['epoch']}"
+        leader += f", lease expires in {expiry:g}s)" if expiry is not None else ")"
     return (f"state backend: {lead['backend']}\nleader: {leader}\n"
             f"this replica: {lead['identity']}, {lead['role']}")
+
+
+def lease_status(settings) -> dict:
+    """The lease record as the store holds it, for `status` without a daemon on this host."""
+    from tokensmith.backends import Backends
+    from tokensmith.leases import LeaseError, build_lease
+
+    lease = build_lease(settings, Backends(settings))
+    try:
+        record = lease.read()
+    except LeaseError as exc:
+        return {"backend": lease.where, "identity": "(no daemon here)", "role": f"lease unreadable: {exc.message}",
+                "leader": None, "epoch": 0, "lease_expires_in": None}
+    return {"backend": lease.where, "identity": "(no daemon here)", "role": "not running",
+            "leader": record.holder if record else None, "epoch": record.epoch if record else 0,
+            "lease_expires_in": None}
 
 
 def cmd_status(args) -> int:
@@ -266,6 +284,8 @@ def cmd_status(args) -> int:
                 "next_refresh": None, "last_error": state.last_error if state else None,
                 "alert": state.alert if state else None})
         daemon_running = False
+        if getattr(store, "shared", False):
+            reply = {"leadership": lease_status(settings)}
     else:
         statuses = reply["clients"]
         daemon_running = True

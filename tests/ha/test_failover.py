@@ -216,6 +216,8 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         assert local.returncode != 0
         assert f"the leader {leader.name} (epoch 1) holds the lease" in local.stdout + local.stderr
         assert token_server.stats["issued"] == issued
+        offline = cli(standby, "status")  # no daemon: the lease as the store holds it
+        assert f"leader: {leader.name} (epoch 1)\nthis replica: (no daemon here), not running" in offline.stdout
     finally:
         cluster.stop_all()
 
