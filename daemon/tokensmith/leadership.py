@@ -42,6 +42,7 @@ class Leadership:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._renewed = threading.Condition()
+        self._taking_over = False
         self._rounds = 0
         if metrics is not None:
             metrics.leadership(None)
@@ -115,8 +116,11 @@ class Leadership:
                 delay = max(self.renew_every / 4, 0.1)
             if self._stop.is_set():
                 break
-            if leading and not self.active:
-                self._elected()
+            if leading and not self.active and not self._taking_over:
+                # in a thread of its own: reading every client's state can take longer than the
+                # lease, which this loop must go on renewing meanwhile
+                self._taking_over = True
+                threading.Thread(target=self._elected, name="takeover", daemon=True).start()
             elif not leading and self.active:
                 self._deposed()
             with self._renewed:
@@ -126,8 +130,16 @@ class Leadership:
             self._wake.clear()
 
     def _elected(self) -> None:
+        try:
+            self._take_over()
+        finally:
+            self._taking_over = False
+
+    def _take_over(self) -> None:
         with self._transition:
             epoch = self.elector.epoch
+            if self.elector.held is None or self._stop.is_set():
+                return  # lost again (or stopping) before this thread ran
             self.active = True  # before the jobs exist: their first run must find this replica leading
             try:
                 self.on_elected(epoch)

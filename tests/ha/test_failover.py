@@ -44,32 +44,38 @@ def wait_new_leader(cluster: Cluster, old: str, timeout: float) -> tuple[str, in
     return lease["holder"], int(lease["epoch"])
 
 
+def kill_rounds(cluster: Cluster, rounds: int) -> tuple[list[float], list[float]]:
+    """SIGKILL whoever leads, `rounds` times; each time a standby must take over with the next epoch.
+    The killed replica comes back as a standby. Returns the takeover seconds and the kill instants."""
+    takeovers, kills = [], []
+    epoch = int(cluster.lease()["epoch"])
+    for _ in range(rounds):
+        leader = wait_for(cluster.leader, 10)
+        time.sleep(1.0)  # let it refresh a little as leader
+        kills.append(time.monotonic())
+        cluster.kill(leader)
+        _, new_epoch = wait_new_leader(cluster, leader.name, TAKEOVER_BOUND)
+        takeovers.append(round(time.monotonic() - kills[-1], 2))
+        assert new_epoch == epoch + 1
+        epoch = new_epoch
+        cluster.start(leader)  # it comes back as a standby
+        cluster.wait_started()
+    # every client keeps being refreshed by the last leader
+    issued = cluster.server.stats["issued"]
+    wait_for(lambda: cluster.server.stats["issued"] >= issued + len(cluster.names), 20, interval=0.2)
+    cluster.wait_all_sinks(15)
+    return takeovers, kills
+
+
 def test_sigkill_the_leader_repeatedly(tmp_path, vault_kv, token_server, report):
     cluster = Cluster(tmp_path, vault_kv, token_server, clients=20, replicas=3, lifetime=LIFETIME,
                       lease_ttl=LEASE_TTL, renew_every=RENEW_EVERY)
     cluster.start_all()
-    takeovers, kills = [], []
     try:
         cluster.wait_all_sinks(30)
         cluster.wait_started()
         with Consumer(cluster) as consumer:
-            epoch = int(cluster.lease()["epoch"])
-            for _ in range(3):
-                leader = wait_for(cluster.leader, 10)
-                time.sleep(1.0)  # let it refresh a little as leader
-                killed_at = time.monotonic()
-                kills.append(killed_at)
-                cluster.kill(leader)
-                holder, new_epoch = wait_new_leader(cluster, leader.name, TAKEOVER_BOUND)
-                takeovers.append(round(time.monotonic() - killed_at, 2))
-                assert new_epoch == epoch + 1
-                epoch = new_epoch
-                cluster.start(leader)  # it comes back as a standby
-                cluster.wait_started()
-            # every client keeps being refreshed by the last leader
-            refreshes = token_server.stats["issued"]
-            wait_for(lambda: token_server.stats["issued"] >= refreshes + len(cluster.names), 20, interval=0.2)
-            cluster.wait_all_sinks(15)
+            takeovers, kills = kill_rounds(cluster, 3)
         reuse = token_server.stats["refresh_reuse"]
         assert not consumer.expired, f"a sink held an expired token: {consumer.expired[:5]}"
         # a kill between the provider's answer and the sink write leaves the revoked token there
@@ -249,31 +255,78 @@ def test_sigkill_the_leader_with_each_replica_on_its_own_raft_node(tmp_path, raf
     cluster = Cluster(tmp_path, kv, token_server, clients=10, replicas=3, lifetime=LIFETIME, lease_ttl=LEASE_TTL,
                       renew_every=RENEW_EVERY, addresses=[node.address for node in raft_cluster.nodes])
     cluster.start_all()
-    takeovers, kills = [], []
     try:
         cluster.wait_all_sinks(30)
         cluster.wait_started()
         with Consumer(cluster) as consumer:
-            epoch = int(cluster.lease()["epoch"])
-            for _ in range(2):
-                leader = wait_for(cluster.leader, 10)
-                time.sleep(1.0)
-                kills.append(time.monotonic())
-                cluster.kill(leader)
-                holder, new_epoch = wait_new_leader(cluster, leader.name, TAKEOVER_BOUND)
-                takeovers.append(round(time.monotonic() - kills[-1], 2))
-                assert new_epoch == epoch + 1
-                epoch = new_epoch
-                cluster.start(leader)
-                cluster.wait_started()
-            issued = token_server.stats["issued"]
-            wait_for(lambda: token_server.stats["issued"] >= issued + len(cluster.names), 20, interval=0.2)
-            cluster.wait_all_sinks(15)
+            takeovers, kills = kill_rounds(cluster, 2)
         assert not consumer.expired
         assert consumer.longest_revoked(excluding=kills, grace=1.0) < REVOKED_BOUND
         assert token_server.stats["refresh_reuse"] <= 8 * len(kills)
         figures(report, "SIGKILL the leader, replicas on different nodes of a 3-node OpenBao Raft cluster",
                 "a standby took over every time; no sink held an expired token", takeover_seconds=takeovers,
                 refresh_token_reuse=token_server.stats["refresh_reuse"], expired_samples=len(consumer.expired))
+    finally:
+        cluster.stop_all()
+
+
+@pytest.fixture
+def moto_process(tmp_path):
+    """moto's server in a process of its own: three replicas and a consumer would starve one
+    that shares the test process's interpreter."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from fixtures_stores import _death_signal, free_port
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "wb")
+    process = subprocess.Popen([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                                "-p", str(port)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=_death_signal())
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 30, interval=0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def test_sigkill_the_leader_on_dynamodb(tmp_path, moto_process, monkeypatch, token_server, report):
+    """State and lease in a DynamoDB table, sinks in Secrets Manager (moto's server over HTTP)."""
+    import uuid
+
+    from fixtures_stores import AWS_ENV, fake_aws_env
+    from ha_cluster import DynamoStore
+
+    fake_aws_env(monkeypatch, tmp_path)
+    tag = uuid.uuid4().hex[:10]
+    dynamo = DynamoStore(moto_process, AWS_ENV["AWS_REGION"], f"tokensmith-{tag}", f"tokens-{tag}")
+    dynamo.create_table()
+    cluster = Cluster(tmp_path, None, token_server, clients=10, replicas=3, lifetime=LIFETIME, lease_ttl=LEASE_TTL,
+                      renew_every=RENEW_EVERY, dynamo=dynamo)
+    cluster.start_all()
+    try:
+        cluster.wait_all_sinks(30)
+        cluster.wait_started()
+        with Consumer(cluster, interval=0.2) as consumer:
+            takeovers, kills = kill_rounds(cluster, 2)
+        assert not consumer.expired
+        assert consumer.longest_revoked(excluding=kills, grace=1.0) < REVOKED_BOUND
+        assert token_server.stats["refresh_reuse"] <= 8 * len(kills)
+        figures(report, "SIGKILL the leader, state and lease in DynamoDB (moto), sinks in Secrets Manager",
+                "a standby took over every time; no sink held an expired token", takeover_seconds=takeovers,
+                refresh_token_reuse=token_server.stats["refresh_reuse"], expired_samples=len(consumer.expired),
+                samples=consumer.samples)
     finally:
         cluster.stop_all()

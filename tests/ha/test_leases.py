@@ -238,3 +238,34 @@ def test_dynamodb_state_write_of_a_deposed_leader_fails_inside_the_store(aws_env
     with pytest.raises(StoreFenced, match="no longer holds the leader lease"):
         store_a.save("billing", ClientState(access_token="two", obtained_at=2.0, expires_at=100.0))
     assert store_a.load("billing").access_token == "one"
+
+
+def test_the_lease_is_renewed_while_a_slow_takeover_reads_every_client(vault_kv):
+    """Reading every client's state on takeover can outlast the lease: it must not stop the renewals."""
+    from types import SimpleNamespace
+
+    from daemon_harness import wait_for
+    from tokensmith.leadership import Leadership
+
+    lease = vault_lease(vault_kv)()
+    reading = threading.Event()
+    finish = threading.Event()
+
+    def slow_takeover(epoch):
+        reading.set()
+        finish.wait(10)
+
+    settings = SimpleNamespace(leader=SimpleNamespace(name="a", renew_every=0.2, lease_ttl=1.0))
+    leadership = Leadership(lease, settings, on_elected=slow_takeover, on_deposed=lambda: None)
+    leadership.start()
+    try:
+        assert reading.wait(5)
+        first = lease.read().version
+        wait_for(lambda: lease.read().version >= first + 5, timeout=5)  # > 1 s of renewals, over a 1 s lease
+        assert leadership.elector.is_leader
+        finish.set()
+        wait_for(lambda: leadership.active, timeout=5)
+    finally:
+        finish.set()
+        leadership.stop()
+    assert lease.read().holder is None  # released on stop
