@@ -69,7 +69,8 @@ class Cluster:
         clients_config = []
         for name in self.names:
             server.add_client(name, f"{name}-secret", dialect="json", access_lifetime=lifetime)
-            creds = write_private(root / "creds" / f"{name}.json", {"client_id": name, "client_secret": f"{name}-secret"})
+            creds = write_private(root / "creds" / f"{name}.json",
+                                  {"client_id": name, "client_secret": f"{name}-secret"})
             clients_config.append({
                 "name": name, "token_url": server.token_url, "auth_style": "json", "timeout": 1,
                 "source": {"type": "file", "path": str(creds)},
@@ -198,7 +199,8 @@ class Cluster:
         read = self.sink_reader()
         for name in self.names:
             document = read(name)
-            if not document or float(document["expires_at"]) <= now or not self.server.is_active(document["access_token"]):
+            if not document or float(document["expires_at"]) <= now \
+                    or not self.server.is_active(document["access_token"]):
                 return False
         return True
 

@@ -96,7 +96,9 @@ class Daemon:
         if self.metrics is None and self.serve:
             from tokensmith.metrics import Metrics
 
-            self.metrics = Metrics(keepers=lambda: self.keepers)
+            # a standby's keepers hold what it read at start-up: its per-client gauges would go stale
+            self.metrics = Metrics(keepers=lambda: self.keepers if self.leadership is None or self.leadership.active
+                                   else {})
         if getattr(self.store, "shared", False):
             self._build_leadership()
         for client in self.settings.clients:
@@ -115,30 +117,11 @@ class Daemon:
         release_freed_memory()
 
     def _build_leadership(self) -> None:
-        from tokensmith.leadership import Leadership, LocalLeadership, lease_margin
-        from tokensmith.leases import build_lease
+        from tokensmith.leadership import for_daemon
 
-        if not self.serve:  # a CLI without a daemon here must not write a store that a leader elsewhere owns
-            self.leadership = LocalLeadership(build_lease(self.settings, self.backends), self.settings)
-            self.store.fence = self.leadership.fence
-            self.store.epoch = self.leadership.epoch
-            if self.leadership.active:
-                self._fence_store(self.leadership.elector.identity, self.leadership.epoch)
-            return
-        config = self.settings.leader
-        for client in self.settings.clients:
-            if client.timeout + 2 * lease_margin(config.lease_ttl) >= config.lease_ttl:
-                raise ConfigError(f"client {client.name}: timeout {client.timeout:g}s does not fit in the leader "
-                                  f"lease: leader.lease_ttl ({config.lease_ttl:g}s) must exceed it plus twice the "
-                                  f"{lease_margin(config.lease_ttl):g}s margin")
-        self.leadership = Leadership(build_lease(self.settings, self.backends), self.settings,
-                                     on_elected=self._take_over, on_deposed=self._step_down, metrics=self.metrics,
-                                     max_deadline=max(client.timeout for client in self.settings.clients))
-        self.store.fence = self.leadership.fence
-        if self.metrics is not None:
-            from tokensmith.leadership import instrument
-
-            instrument(self.store, self.metrics)
+        self.leadership = for_daemon(self)
+        if self.leadership.active:  # a CLI that took the free lease
+            self._fence_store(self.leadership.elector.identity, self.leadership.epoch)
 
     def _fence_store(self, identity: str, epoch: int) -> None:
         """Where the store can check the lease inside each write (DynamoDB transactions), make it."""
@@ -273,6 +256,16 @@ class Daemon:
             self._reschedule(name, keeper.next_due())
         return outcome
 
+    def _read_shared_states(self) -> None:
+        """A standby shows the clients as the store holds them now (the leader writes them)."""
+        for name, keeper in list(self.keepers.items()):
+            try:
+                state = self.store.load(name)
+            except TokensmithError:
+                continue
+            if state is not None:
+                keeper.state = state
+
     def leadership_status(self) -> dict:
         if self.leadership is None or not hasattr(self.leadership, "status"):
             return {}
@@ -282,12 +275,11 @@ class Daemon:
         """Why this replica must not rotate (a standby), naming the leader; None on the leader."""
         if self.leadership is None or self.leadership.active:
             return None
-        leader = self.leadership.status()
-        holder = f"the leader {leader['leader']} (epoch {leader['epoch']})" if leader["leader"] else "the leader"
-        return (f"this replica ({leader['identity']}) is a standby: rotate on {holder}; its control socket is on "
-                f"that host")
+        return self.leadership.refusal()
 
     def statuses(self) -> list[dict]:
+        if self.leadership is not None and not self.leadership.active:
+            self._read_shared_states()
         return [keeper.status() for keeper in list(self.keepers.values())]
 
     def healthy(self) -> bool:

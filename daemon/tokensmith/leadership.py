@@ -176,6 +176,11 @@ class Leadership:
         if release:
             self.elector.release()
 
+    def refusal(self) -> str:
+        leader = self.status()
+        holder = f"the leader {leader['leader']} (epoch {leader['epoch']})" if leader["leader"] else "the leader"
+        return f"this replica ({self.identity}) is a standby: rotate on {holder}; its control socket is on that host"
+
     def status(self) -> dict:
         leader = self.elector.leader()
         return {"backend": self.lease.where, "identity": self.identity,
@@ -197,16 +202,17 @@ class LocalLeadership:
         # never the daemon's identity: a matching holder would be taken for this process's own earlier run
         self.elector = Elector(lease, f"{config.name}:cli:{os.getpid()}", ttl=config.lease_ttl, margin=self.margin,
                                clock=clock)
-        self.refusal = None
+        self.refusal_reason = None
         try:
             current = lease.read()
             if current is not None and current.holder is not None:
-                self.refusal = (f"the leader {current.holder} (epoch {current.epoch}) holds the lease in {lease.where}: "
+                self.refusal_reason = (f"the leader {current.holder} (epoch {current.epoch}) holds the lease in "
+                                       f"{lease.where}: "
                                 f"only the elected leader refreshes; run this on its host")
             elif not self.elector.step():
-                self.refusal = f"another replica took the lease in {lease.where} first"
+                self.refusal_reason = f"another replica took the lease in {lease.where} first"
         except LeaseError as exc:
-            self.refusal = f"the leader lease cannot be read: {exc.message}"
+            self.refusal_reason = f"the leader lease cannot be read: {exc.message}"
         if self.active:
             atexit.register(self.elector.release)
 
@@ -220,7 +226,7 @@ class LocalLeadership:
 
     def before_request(self, deadline: float) -> None:
         if not self.active:
-            raise FencedError(self.refusal or "not the leader")
+            raise FencedError(self.refusal_reason or "not the leader")
         if self.elector.remaining() < deadline + 2 * self.margin:
             try:
                 self.elector.step()  # renew
@@ -230,11 +236,41 @@ class LocalLeadership:
 
     def fence(self) -> None:
         if not self.active:
-            raise FencedError(self.refusal or "not the leader")
+            raise FencedError(self.refusal_reason or "not the leader")
         self.elector.check(0.0, "write")
 
     def fenced(self, reason: str) -> None:
         pass
+
+    def refusal(self) -> str:
+        return self.refusal_reason or "not the leader"
+
+
+def for_daemon(daemon):
+    """The leadership of a daemon on a shared state backend (a CLI's LocalLeadership when it does not serve)."""
+    from tokensmith.errors import ConfigError
+    from tokensmith.leases import build_lease
+
+    settings, store = daemon.settings, daemon.store
+    lease = build_lease(settings, daemon.backends)
+    if not daemon.serve:  # a CLI without a daemon here must not write a store that a leader elsewhere owns
+        leadership = LocalLeadership(lease, settings)
+        store.fence = leadership.fence
+        store.epoch = leadership.epoch
+        return leadership
+    config = settings.leader
+    margin = lease_margin(config.lease_ttl)
+    for client in settings.clients:
+        if client.timeout + 2 * margin >= config.lease_ttl:
+            raise ConfigError(f"client {client.name}: timeout {client.timeout:g}s does not fit in the leader lease: "
+                              f"leader.lease_ttl ({config.lease_ttl:g}s) must exceed it plus twice the "
+                              f"{margin:g}s margin")
+    leadership = Leadership(lease, settings, on_elected=daemon._take_over, on_deposed=daemon._step_down,
+                            metrics=daemon.metrics, max_deadline=max(client.timeout for client in settings.clients))
+    store.fence = leadership.fence
+    if daemon.metrics is not None:
+        instrument(store, daemon.metrics)
+    return leadership
 
 
 def instrument(store, metrics) -> None:
@@ -246,8 +282,6 @@ def instrument(store, metrics) -> None:
 
 
 def _timed(method, op, metrics):
-    from tokensmith.errors import TokensmithError
-
     def timed(*args, **kwargs):
         started = time.monotonic()
         ok = False
@@ -255,10 +289,8 @@ def _timed(method, op, metrics):
             result = method(*args, **kwargs)
             ok = True
             return result
-        except FencedError:
+        except FencedError:  # refused before any request: no store error
             ok = True
-            raise
-        except TokensmithError:
             raise
         finally:
             metrics.state_store(op, time.monotonic() - started, ok)

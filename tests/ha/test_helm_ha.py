@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from test_helm import (CHART, RELEASE, _example, _helm, _one_kind, _pod_spec, _render, _tokensmith_container,  # noqa: F401
-                       _by_kind, _config, _volume, _mount_for, _write, helm, helm_env, kv, newest_kube)
+from test_helm import (CHART, RELEASE, _by_kind, _config, _example, _helm, _mount_for,  # noqa: F401
+                       _one_kind, _pod_spec, _render, _tokensmith_container, _volume, _write,
+                       helm, helm_env, kv, newest_kube)
 
 SHARED = {"config": {"state": {"type": "vault", "mount": "secret", "prefix": "tokensmith/prod"},
                      "leader": {"lease_ttl": 15, "renew_every": 5}}}
