@@ -162,13 +162,21 @@ def test_restarting_every_replica_keeps_the_stored_tokens(tmp_path, vault_kv, re
             leader_elected_after_seconds=round(elected, 2))
 
 
-def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv, token_server):
+@pytest.fixture
+def slow_token_server():
+    """Tokens that live 300 s: nothing refreshes by itself while a test compares views."""
+    with OAuthServer(access_lifetime=300) as server:
+        yield server
+
+
+def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv, slow_token_server):
     import re
     import subprocess
     import sys
     import urllib.request
 
-    cluster = Cluster(tmp_path, vault_kv, token_server, clients=3, replicas=2, lifetime=LIFETIME,
+    token_server = slow_token_server
+    cluster = Cluster(tmp_path, vault_kv, token_server, clients=3, replicas=2, lifetime=300,
                       lease_ttl=LEASE_TTL, renew_every=RENEW_EVERY)
     cluster.start_all()
     try:
@@ -196,6 +204,15 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         assert f"this replica: {standby.name}, standby" in status.stdout
         assert f"this replica: {leader.name}, active" in cli(leader, "status").stdout
 
+        import json
+
+        def tokens(replica):
+            listing = json.loads(cli(replica, "status", "--json").stdout)["clients"]
+            return {status["client"]: status["token"] for status in listing}
+
+        tokens_before = tokens(leader)
+        assert tokens(standby) == tokens_before  # read from the store, not what it saw at start-up
+
         issued = token_server.stats["issued"]
         refused = cli(standby, "rotate", "c000")
         assert refused.returncode != 0
@@ -204,11 +221,15 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         rotated = cli(leader, "rotate", "c000")
         assert rotated.returncode == 0, rotated.stderr
         assert token_server.stats["issued"] == issued + 1
+        assert tokens(standby)["c000"] == tokens(leader)["c000"] != tokens_before["c000"]
 
         assert get(standby, "/readyz") == (200, "ready\n")
         assert get(standby, "/healthz")[0] == 200
         standby_metrics, leader_metrics = get(standby, "/metrics")[1], get(leader, "/metrics")[1]
         assert "tokensmith_is_leader 0.0" in standby_metrics
+        # a standby's view of the clients would go stale: no per-client gauges there
+        assert 'tokensmith_token_validity_seconds{client="c000"}' not in standby_metrics
+        assert 'tokensmith_token_validity_seconds{client="c000"}' in leader_metrics
         assert "tokensmith_is_leader 1.0" in leader_metrics
         assert "tokensmith_leader_transitions_total 1.0" in leader_metrics
         assert "tokensmith_lease_renew_failures_total 0.0" in leader_metrics
