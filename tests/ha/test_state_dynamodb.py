@@ -195,3 +195,24 @@ def test_racing_writers_lose_no_update(tmp_path, table):
         thread.join(60)
     stored = item(table, "counter")
     assert json.loads(stored["state"]["S"])["last_refresh"] == 30.0 and stored["version"]["N"] == "31"
+
+
+def test_run_without_an_aws_region_is_a_config_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "runtime_dir": str(tmp_path / "run"), "health": {"enabled": False},
+        "state": {"type": "dynamodb", "table": "tokensmith-state"},
+        "clients": [{"name": "a", "token_url": "http://127.0.0.1:1/t", "source": {"type": "env"},
+                     "sinks": [{"type": "file", "path": str(tmp_path / "a.token")}]}]}))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    result = subprocess.run([sys.executable, "-m", "tokensmith", "run", "--config", str(config)], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78, result.stderr
+    assert "no AWS region: set aws.region or AWS_REGION" in result.stderr and "Traceback" not in result.stderr

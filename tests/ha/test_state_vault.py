@@ -194,3 +194,15 @@ def test_moving_a_host_from_the_file_backend_keeps_its_state(tmp_path, vault_kv)
     assert record(vault_kv, "billing")["metadata"]["version"] == 1
     files.save("billing", state(9))  # from now on the record wins over the file
     assert store.load("billing") == state(2)
+
+
+def test_a_record_an_operator_removed_is_created_again(tmp_path, vault_kv):
+    store = backend(tmp_path, vault_kv)
+    store.save("billing", state(1))
+    store.save("billing", state(2))
+    vault_kv.root.secrets.kv.v2.delete_metadata_and_all_versions(f"{vault_kv.prefix}/clients/billing",
+                                                                 mount_point="secret")
+    assert store.load_if_changed("billing") is None  # the keeper keeps what it holds ...
+    store.save("billing", state(3))  # ... and its next save stores it again
+    assert record(vault_kv, "billing")["metadata"]["version"] == 1
+    assert backend(tmp_path / "b", vault_kv).load("billing") == state(3)

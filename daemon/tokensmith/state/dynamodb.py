@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from tokensmith.errors import StateError
+from tokensmith.errors import StateError, TokensmithError
 from tokensmith.state import FencedError
 from tokensmith.state.shared import MAX_CLIENTS, SharedStateStore
 
@@ -21,9 +21,11 @@ class DynamoStateStore(SharedStateStore):
     what = "dynamodb state"
 
     def __init__(self, config, dynamodb, directory):
+        """dynamodb: a boto3 client, or a function making one (so a missing region is reported by
+        prepare(), where the daemon expects configuration errors, not by the constructor)."""
         super().__init__(directory)
         self.table = config.table
-        self.db = dynamodb
+        self._db = dynamodb
         # Set by leadership: a ConditionCheck on the lease item ({"Key", "ConditionExpression",
         # "ExpressionAttributeValues"}) made part of every state write, in one transaction: a
         # replica that no longer holds the lease writes nothing (FencedError), whatever its clock says.
@@ -31,13 +33,21 @@ class DynamoStateStore(SharedStateStore):
 
     @classmethod
     def from_settings(cls, settings, backends) -> "DynamoStateStore":
-        return cls(settings.state, backends.aws("dynamodb"), settings.state_dir)
+        return cls(settings.state, lambda: backends.aws("dynamodb"), settings.state_dir)
+
+    @property
+    def db(self):
+        if not hasattr(self._db, "get_item"):
+            self._db = self._db()
+        return self._db
 
     def _call(self, what: str, client: str | None, fn):
         from tokensmith.aws import map_client_error
 
         try:
             return fn()
+        except TokensmithError:
+            raise
         except Exception as exc:
             raise map_client_error(exc, client, f"dynamodb table {self.table}: {what}", StateError) from exc
 
@@ -118,8 +128,9 @@ class DynamoStateStore(SharedStateStore):
     def check(self) -> None:
         from tokensmith.aws import error_code
 
+        db = self.db  # a ConfigError (no region) surfaces here, as itself
         try:
-            table = self.db.describe_table(TableName=self.table)["Table"]
+            table = db.describe_table(TableName=self.table)["Table"]
         except Exception as exc:
             if error_code(exc) == "ResourceNotFoundException":
                 raise StateError(f"state backend dynamodb: table {self.table} does not exist (create it with a "

@@ -103,6 +103,9 @@ class SharedStateStore:
 
     def load_if_changed(self, client: str) -> ClientState | None:
         record, version = self._read(client)
+        if version == 0:
+            self.versions[client] = 0  # removed by an operator: the next save creates it again
+            return None
         if version <= self.versions.get(client, -1):
             # unchanged, or a replica that has not caught up with a version this object has seen
             return None
