@@ -190,10 +190,13 @@ class Leadership:
 
 class LocalLeadership:
     """A CLI run without a daemon here (`once`, `rotate`) on a shared backend: it may refresh only
-    while no daemon anywhere leads. It takes the lease if it is free (never held, or released),
-    renews it as it goes and releases it at exit; a lease someone holds is refused, naming them."""
+    while no daemon anywhere leads. It campaigns like a standby: a free lease (never held, or
+    released) is taken at once, one whose holder stopped renewing after its ttl; a lease that is
+    being renewed is refused, naming its holder. It renews as it goes and releases at exit."""
 
-    def __init__(self, lease, settings, *, clock=time.monotonic):
+    POLL = 0.25
+
+    def __init__(self, lease, settings, *, clock=time.monotonic, sleep=time.sleep):
         import atexit
         import os
 
@@ -204,17 +207,31 @@ class LocalLeadership:
                                clock=clock)
         self.refusal_reason = None
         try:
-            current = lease.read()
-            if current is not None and current.holder is not None:
-                self.refusal_reason = (f"the leader {current.holder} (epoch {current.epoch}) holds the lease in "
-                                       f"{lease.where}: "
-                                f"only the elected leader refreshes; run this on its host")
-            elif not self.elector.step():
-                self.refusal_reason = f"another replica took the lease in {lease.where} first"
+            self._campaign(lease, clock, sleep)
         except LeaseError as exc:
             self.refusal_reason = f"the leader lease cannot be read: {exc.message}"
         if self.active:
             atexit.register(self.elector.release)
+
+    def _campaign(self, lease, clock, sleep) -> None:
+        if self.elector.step():
+            return
+        first = self.elector.observed
+        if first is not None and first.holder:
+            log.warning("the leader lease in %s names %s (epoch %d); waiting up to %.0fs for it to lapse",
+                        lease.where, first.holder, first.epoch, first.ttl, extra={"event": "lease_wait"})
+        deadline = clock() + (first.ttl if first else 0) + self.POLL * 4
+        while clock() < deadline:
+            sleep(self.POLL)
+            if self.elector.step():
+                return
+            seen = self.elector.observed
+            if first is not None and seen is not None and seen.version != first.version:
+                break  # renewed (or taken): a live leader
+        seen = self.elector.observed or first
+        holder = f"the leader {seen.holder} (epoch {seen.epoch})" if seen and seen.holder else "another replica"
+        self.refusal_reason = (f"{holder} holds the lease in {lease.where}: only the elected leader refreshes; "
+                               f"run this on its host")
 
     @property
     def active(self) -> bool:

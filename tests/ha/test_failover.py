@@ -7,6 +7,7 @@ docs/ha.md (`pytest tests/ha/test_failover.py -s`)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -185,9 +186,10 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         leader = wait_for(cluster.leader, 10)
         standby = next(replica for replica in cluster.replicas if replica is not leader)
 
-        def cli(replica, *args):
+        def cli(replica, *args, env=None):
             return subprocess.run([sys.executable, "-m", "tokensmith", *args, "--config",
-                                   str(replica.root / "config.yaml")], capture_output=True, text=True, timeout=30)
+                                   str(replica.root / "config.yaml")], capture_output=True, text=True, timeout=30,
+                                  env={**os.environ, **(env or {})})
 
         def get(replica, path):
             port = int(wait_for(lambda: re.search(r"health endpoint listening on 127\.0\.0\.1:(\d+)", replica.log))
@@ -236,15 +238,22 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
         assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="save"\} [1-9]', leader_metrics)
         assert re.search(r'tokensmith_state_store_duration_seconds_count\{op="lease"\} [1-9]', standby_metrics)
 
-        cluster.kill(leader)  # no daemon at all, but the lease is still held: a local rotate must not write
-        cluster.stop_all()
+        # a CLI that cannot reach a daemon here rotates locally only with the lease: the leader renews it
         issued = token_server.stats["issued"]
-        local = cli(standby, "rotate", "c001")
+        elsewhere = {"TOKENSMITH_RUNTIME_DIR": str(tmp_path / "no-daemon-here")}
+        local = cli(standby, "rotate", "c001", env=elsewhere)
         assert local.returncode != 0
         assert f"the leader {leader.name} (epoch 1) holds the lease" in local.stdout + local.stderr
         assert token_server.stats["issued"] == issued
+
+        cluster.kill(leader)  # no daemon anywhere; the dead leader's lease lapses after its ttl
+        cluster.stop_all()
         offline = cli(standby, "status")  # no daemon: the lease as the store holds it
         assert f"leader: {leader.name} (epoch 1)\nthis replica: (no daemon here), not running" in offline.stdout
+        local = cli(standby, "rotate", "c001")
+        assert local.returncode == 0, local.stdout + local.stderr
+        assert token_server.stats["issued"] == issued + 1
+        assert cluster.lease()["holder"] is None and cluster.lease()["epoch"] == 2  # taken, then released
     finally:
         cluster.stop_all()
 
