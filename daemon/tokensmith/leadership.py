@@ -78,12 +78,13 @@ class Leadership:
         return self.elector.epoch
 
     def fenced(self, reason: str) -> None:
-        """A keeper's write or request was refused: stop refreshing now and campaign again."""
-        if not self.active:
+        """A keeper's write or request was refused: stop leading now (every later check fails at
+        once); the loop removes the jobs. Not here: the keeper's thread may hold a lock a takeover
+        in progress waits for."""
+        if not self.active or self.elector.held is None:
             return
         log.warning("stepping down: %s", reason, extra={"event": "step_down"})
         self.elector.step_down()
-        self._deposed()
         self._wake.set()
 
     # ---- the loop

@@ -98,6 +98,7 @@ class Elector:
         self.valid_until = 0.0
         self.observed: LeaseRecord | None = None  # the last record read, and when it was first seen
         self.observed_at = 0.0
+        self.fresh = True  # has not held the lease in this process: its own name on the record is an earlier run
 
     # ---- asked by the keepers and the state backend (no I/O)
 
@@ -160,8 +161,9 @@ class Elector:
             return self._take(None, epoch=1, sent=now)
         if self.observed is None or current.version != self.observed.version:
             self.observed, self.observed_at = current, now
-        if current.holder is None or current.holder == self.identity:
-            # released, or held by an earlier run of this very identity (a restarted process)
+        if current.holder is None or (current.holder == self.identity and self.fresh):
+            # released, or held by an earlier run of this very identity (a restarted process); a
+            # holder that stepped down itself waits the ttl like anyone, its last write may be in flight
             return self._take(current, epoch=current.epoch + 1, sent=now)
         if now - self.observed_at >= current.ttl:
             log.info("leader lease of %s (epoch %d) unchanged for %.1fs: taking over", current.holder,
@@ -177,6 +179,7 @@ class Elector:
             return False
         self.valid_until = sent + self.ttl - self.margin
         self.observed = None
+        self.fresh = False
         log.info("leader lease acquired (epoch %d)", epoch, extra={"event": "lease_acquired"})
         return True
 
