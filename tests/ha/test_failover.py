@@ -360,3 +360,51 @@ def test_sigkill_the_leader_on_dynamodb(tmp_path, moto_process, monkeypatch, tok
                 samples=consumer.samples)
     finally:
         cluster.stop_all()
+
+
+def test_store_outage_the_leader_steps_down_and_a_standby_reports_not_ready(tmp_path, vault_kv, slow_token_server):
+    """The OpenBao server paused past the lease: the leader cannot renew and stops leading when its
+    validity runs out; a standby that cannot reach the store is not ready. After it, one leads again."""
+    import re
+    import urllib.request
+
+    cluster = Cluster(tmp_path, vault_kv, slow_token_server, clients=3, replicas=2, lifetime=300,
+                      lease_ttl=LEASE_TTL, renew_every=RENEW_EVERY)
+    cluster.start_all()
+    bao = vault_kv.server.process
+    try:
+        cluster.wait_all_sinks(30)
+        cluster.wait_started()
+        leader = wait_for(cluster.leader, 10)
+        standby = next(replica for replica in cluster.replicas if replica is not leader)
+
+        def get(replica, path):
+            port = int(re.search(r"health endpoint listening on 127\.0\.0\.1:(\d+)", replica.log).group(1))
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return response.status, response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        def readyz(replica):
+            return get(replica, "/readyz")
+
+        assert readyz(standby)[0] == 200
+        bao.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: readyz(standby) == (503, "not ready: standby (the state store is unreachable)\n"),
+                     10, interval=0.2)
+            wait_for(lambda: "event=lease_lapsed" in leader.log, 10, interval=0.2)
+            wait_for(lambda: "event=leader_deposed" in leader.log, 5, interval=0.1)
+        finally:
+            bao.send_signal(signal.SIGCONT)
+        assert re.search(r"tokensmith_lease_renew_failures_total [1-9]", get(leader, "/metrics")[1])
+        wait_for(lambda: any("event=leader_elected" in replica.log.split("event=leader_deposed")[-1]
+                             for replica in cluster.replicas), 15, interval=0.2)
+        wait_for(lambda: readyz(standby)[0] == 200 or cluster.leader() is standby, 10, interval=0.2)
+        cluster.wait_all_sinks(15)
+        assert slow_token_server.stats["refresh_reuse"] == 0
+    finally:
+        if bao.poll() is None:
+            bao.send_signal(signal.SIGCONT)
+        cluster.stop_all()
