@@ -34,7 +34,8 @@ EXIT_CODES = {
     6: "the daemon's control socket exists but the daemon did not answer",
     7: "check-config found problems",
     8: "no client of that name in the config",
-    9: "another tokensmith daemon uses this state directory, or the health port is taken",
+    9: "in use: another tokensmith daemon uses this state directory or holds the leader lease (rotate on a "
+       "standby), or the health port is taken",
     73: "the state directory cannot be created or written, or belongs to another user",
     77: "the daemon refused the request (not authorised)",
     78: "the config is invalid or missing (EX_CONFIG; systemd does not restart)",
@@ -42,7 +43,7 @@ EXIT_CODES = {
 DEFAULT_CONFIG = "/etc/tokensmith/config.yaml"
 TIME_FIELDS = ("expires_at", "last_refresh", "next_refresh")
 STATUS_FIELDS = ("client", "token", "valid", "expires_at", "last_refresh", "last_grant", "next_refresh",
-                 "refresh_token_held", "failures", "last_error", "alert", "sinks_pending")
+                 "refresh_token_held", "failures", "last_error", "alert", "sinks_pending", "stuck_for")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,7 +153,8 @@ def via_daemon(args, message: dict):
         print(f"tokensmith: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_UNREACHABLE) from None
     code = {"forbidden": EXIT_FORBIDDEN, "busy": EXIT_UNREACHABLE, "timeout": EXIT_UNREACHABLE,
-            "bad_request": EXIT_USAGE, "unknown_client": EXIT_NO_CLIENT, "no_verify_url": EXIT_CONFIG}.get(reply.get("code") if reply and not reply.get("ok") else None)
+            "bad_request": EXIT_USAGE, "unknown_client": EXIT_NO_CLIENT, "no_verify_url": EXIT_CONFIG,
+            "standby": EXIT_IN_USE}.get(reply.get("code") if reply and not reply.get("ok") else None)
     if code is not None:
         print(f"tokensmith: {reply.get('error')}", file=sys.stderr)
         raise SystemExit(code)
@@ -423,20 +425,53 @@ def local_statuses(settings) -> list[dict]:
     return statuses
 
 
+def format_leadership(lead: dict) -> str:
+    expiry = lead.get("lease_expires_in")
+    leader = "none elected"
+    if lead.get("leader"):
+        leader = f"{lead['leader']} (epoch {lead['epoch']}"
+        leader += f", lease expires in {expiry:g}s)" if expiry is not None else ")"
+    return (f"state backend: {lead['backend']}\nleader: {leader}\n"
+            f"this replica: {lead['identity']}, {lead['role']}")
+
+
+def lease_status(settings) -> dict:
+    """The lease record as the store holds it, for `status` without a daemon on this host."""
+    from tokensmith.backends import Backends
+    from tokensmith.leases import LeaseError, build_lease
+
+    lease = build_lease(settings, Backends(settings))
+    try:
+        record = lease.read()
+    except LeaseError as exc:
+        return {"backend": lease.where, "identity": "(no daemon here)", "role": f"lease unreadable: {exc.message}",
+                "leader": None, "epoch": 0, "lease_expires_in": None}
+    return {"backend": lease.where, "identity": "(no daemon here)", "role": "not running",
+            "leader": record.holder if record else None, "epoch": record.epoch if record else 0,
+            "lease_expires_in": None}
+
+
 def cmd_status(args) -> int:
     reply = via_daemon(args, {"op": "status"})
     if reply is None:
-        statuses = local_statuses(load(args))
+        settings = load(args)
+        statuses = local_statuses(settings)
         daemon_running = False
+        if settings.state.type != "file":
+            reply = {"leadership": lease_status(settings)}
     else:
         statuses = reply["clients"]
         daemon_running = True
+    leadership = (reply or {}).get("leadership")
     if args.json:
         clients = [iso_times({field: status.get(field) for field in STATUS_FIELDS}) for status in statuses]
-        print(json.dumps({"daemon": daemon_running, "clients": clients}, indent=2, sort_keys=True))
+        print(json.dumps({"daemon": daemon_running, "clients": clients,
+                          **({"leadership": leadership} if leadership else {})}, indent=2, sort_keys=True))
     else:
         if not daemon_running:
             print("(no daemon running: showing the state directory)")
+        if leadership:
+            print(format_leadership(leadership))
         for status in statuses:
             print(format_status_line(status))
     return EXIT_OK if all(status.get("valid") for status in statuses) else EXIT_FAILED

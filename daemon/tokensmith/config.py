@@ -374,6 +374,26 @@ class SchedulerConfig(Model):
     ready_timeout: float = Field(30.0, gt=0)
 
 
+class LeaderConfig(Model):
+    """The leader lease, used only with a shared state backend (docs/ha.md)."""
+    lease_ttl: float = Field(15.0, ge=1, le=600)
+    renew_every: float = Field(5.0, gt=0)
+    identity: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}$")
+
+    @model_validator(mode="after")
+    def _renew_before_ttl(self) -> "LeaderConfig":
+        if self.renew_every * 2 > self.lease_ttl:
+            raise ValueError("renew_every must be at most half of lease_ttl, so one failed renewal does not lose the lease")
+        return self
+
+    @property
+    def name(self) -> str:
+        """This replica's name in the lease: the identity set, else $POD_NAME, else hostname:pid."""
+        import socket
+
+        return self.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
+
+
 class FileStateConfig(Model):
     type: Literal["file"] = "file"
 
@@ -421,6 +441,7 @@ class Settings(BaseModel):
     log: LogConfig = LogConfig()
     health: HealthConfig = HealthConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    leader: LeaderConfig = LeaderConfig()
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)

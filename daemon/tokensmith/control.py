@@ -322,7 +322,10 @@ class ControlServer:
         if message.op == "ping":
             return {"ok": True}
         if message.op == "status":
-            return {"ok": True, "clients": daemon.statuses(), "daemon": True}
+            return {"ok": True, "clients": daemon.statuses(), "daemon": True, **daemon.leadership_status()}
+        refusal = daemon.standby_refusal()
+        if refusal:  # never performed by two replicas: the leader, on its own host, does rotations
+            return {"ok": False, "error": refusal, "code": "standby"}
         names = list(daemon.keepers) if message.all else [message.client]
         unknown = [name for name in names if name not in daemon.keepers]
         if unknown:

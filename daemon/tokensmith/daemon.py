@@ -87,6 +87,7 @@ class Daemon:
         self._scheduler_ready = False
         self._stuck_reported: dict[str, float] = {}  # client -> busy_since of the run already logged as stuck
         self._stuck_lock = threading.Lock()
+        self.leadership = None  # with a shared state backend: the leader lease (leadership.py)
 
     # ---- construction
 
@@ -95,6 +96,7 @@ class Daemon:
         sinks = build_sinks(client, self.backends)
         keeper = Keeper(client, source, sinks, TokenClient(client, self.session, self.clock), self.store,
                         clock=self.clock, metrics=self.metrics, hooks=self.hooks)
+        keeper.leader = self.leadership
         try:
             keeper.check_sinks()
         except SinkError as exc:  # a sink that can never work is a config error (exit 78)
@@ -115,9 +117,13 @@ class Daemon:
         if self.metrics is None and self.serve:
             from tokensmith.metrics import Metrics
 
-            self.metrics = Metrics(keepers=lambda: self.keepers)
+            # a standby's keepers hold what it read at start-up: its per-client gauges would go stale
+            self.metrics = Metrics(keepers=lambda: self.keepers if self.leadership is None or self.leadership.active
+                                   else {})
         if self.metrics is not None and hasattr(self.metrics, "reloaded"):
             self.metrics.reloaded(True, self.clock())  # the config in force, and since when
+        if getattr(self.store, "shared", False):
+            self._build_leadership()
         for client in self.settings.clients:
             self.keepers[client.name] = self.make_keeper(client)
         if self.serve:
@@ -133,6 +139,43 @@ class Daemon:
                 remove_stale_temps(directory, names)
         release_freed_memory()
 
+    def _build_leadership(self) -> None:
+        from tokensmith.leadership import for_daemon
+
+        self.leadership = for_daemon(self)
+        if self.leadership.active:  # a CLI that took the free lease
+            self._fence_store(self.leadership.elector.identity, self.leadership.epoch)
+
+    def _fence_store(self, identity: str, epoch: int) -> None:
+        """Where the store can check the lease inside each write (DynamoDB transactions), make it."""
+        condition = getattr(self.leadership.elector.lease, "fence_condition", None)
+        if condition is not None and hasattr(self.store, "lease_condition"):
+            self.store.lease_condition = condition(identity, epoch)
+
+    def _take_over(self, epoch: int) -> None:
+        """Won the lease: every client's state as the store holds it now, then schedule from it
+        (fresh tokens are kept; only what is due refreshes)."""
+        self.store.epoch = epoch
+        self._fence_store(self.leadership.elector.identity, epoch)
+        states = self.store.load_all()
+        with self._jobs_lock:
+            for name, keeper in list(self.keepers.items()):
+                with keeper.lock:
+                    keeper.adopt(states.get(name))
+            if self.scheduler is not None and not self.stop_event.is_set():
+                for name, keeper in list(self.keepers.items()):
+                    self._add_job(name, keeper)
+        log.info("took over %d clients (epoch %d)", len(states), epoch, extra={"event": "takeover"})
+
+    def _step_down(self) -> None:
+        """Lost the lease: no job runs again; a refresh in flight is refused by the fence."""
+        with self._jobs_lock:
+            if self.scheduler is not None:
+                try:
+                    self.scheduler.remove_all_jobs()
+                except Exception:
+                    log.exception("removing jobs on step-down failed", extra={"event": "step_down"})
+
     # ---- scheduling
 
     def start(self) -> None:
@@ -141,6 +184,10 @@ class Daemon:
         if self.serve:
             self._start_control()  # before any worker thread: the control socket is bound under a umask
         self.pool = ThreadPoolExecutor(self.settings.scheduler.max_workers, thread_name_prefix="keeper")
+        if self.leadership is not None:
+            self._start_scheduler()
+            self.leadership.start()  # jobs come with the lease (_take_over)
+            return
         # Clients with no usable token start now, in the pool the scheduler will use: their first
         # tokens need not wait for APScheduler's import or the health server. Each gets its job
         # when its first run is over (_run), so a first run is never queued twice.
@@ -153,6 +200,14 @@ class Daemon:
                     first.append(self.pool.submit(self._run, name, True))
         # A head start: importing APScheduler would hold the GIL the first runs need after each I/O
         wait(first, timeout=FIRST_RUNS_HEAD_START)
+        self._start_scheduler()
+        with self._jobs_lock:
+            self._scheduler_ready = True
+            for name, keeper in self.keepers.items():
+                if name not in self._first_runs:
+                    self._add_job(name, keeper)
+
+    def _start_scheduler(self) -> None:
         from apscheduler.executors.pool import BasePoolExecutor, ThreadPoolExecutor as PoolExecutor
         from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -167,11 +222,6 @@ class Daemon:
         if self.serve:
             self._start_health()
         self.scheduler.start()
-        with self._jobs_lock:
-            self._scheduler_ready = True
-            for name, keeper in self.keepers.items():
-                if name not in self._first_runs:
-                    self._add_job(name, keeper)
 
     def _add_job(self, name: str, keeper: Keeper) -> None:
         from apscheduler.triggers.interval import IntervalTrigger
@@ -229,7 +279,30 @@ class Daemon:
             self._reschedule(name, keeper.next_due())
         return outcome
 
+    def _read_shared_states(self) -> None:
+        """A standby shows the clients as the store holds them now (the leader writes them)."""
+        for name, keeper in list(self.keepers.items()):
+            try:
+                state = self.store.load(name)
+            except TokensmithError:
+                continue
+            if state is not None:
+                keeper.state = state
+
+    def leadership_status(self) -> dict:
+        if self.leadership is None or not hasattr(self.leadership, "status"):
+            return {}
+        return {"leadership": self.leadership.status()}
+
+    def standby_refusal(self) -> str | None:
+        """Why this replica must not rotate (a standby), naming the leader; None on the leader."""
+        if self.leadership is None or self.leadership.active:
+            return None
+        return self.leadership.refusal()
+
     def statuses(self) -> list[dict]:
+        if self.leadership is not None and not self.leadership.active:
+            self._read_shared_states()
         keepers = list(self.keepers.values())
         statuses = [keeper.status() for keeper in keepers]
         now = self.clock()
@@ -250,6 +323,8 @@ class Daemon:
                 seconds += 8 * vault  # a read and a write, each maybe a login, a denial, a login again
             elif store.type == "aws":
                 seconds += 2 * aws
+        state = self.settings.state.type  # the state saves of the refresh
+        seconds += 4 * vault if state == "vault" else 2 * aws if state == "dynamodb" else 0.0
         seconds += sum(getattr(hook, "timeout", 0.0) for hook in client.hooks)
         return seconds + STUCK_GRACE
 
@@ -261,6 +336,8 @@ class Daemon:
             return False
         if self.control is not None and not self.control.alive:  # nobody could reach the daemon
             return False
+        if self.leadership is not None and not self.leadership.active:
+            return True  # a standby refreshes nothing, so nothing of it is overdue
         now = self.clock()
         healthy = True
         for keeper in list(self.keepers.values()):
@@ -282,6 +359,9 @@ class Daemon:
                   extra={"client": name, "event": "keeper_stuck", "seconds": round(seconds)})
 
     def not_ready(self) -> list[str]:
+        if self.leadership is not None and not self.leadership.active:
+            # a standby is ready when it can reach the store it would take over from
+            return [] if self.leadership.store_reachable else ["standby (the state store is unreachable)"]
         return [name for name, keeper in list(self.keepers.items()) if not keeper.ready()]
 
     def serving(self) -> bool:
@@ -290,7 +370,11 @@ class Daemon:
         if self.stop_event.is_set() or self.scheduler is None or not self.scheduler.running:
             return False
         thread = getattr(self.scheduler, "_thread", None)
-        return thread is None or thread.is_alive()
+        if thread is not None and not thread.is_alive():
+            return False
+        if self.leadership is not None and not self.leadership.active:
+            return bool(self.leadership.store_reachable)  # a standby serves by being able to take over
+        return True
 
     def wait_first_tokens(self, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -363,7 +447,7 @@ class Daemon:
                             if sink.name in before and before[sink.name] != getattr(sink, "config", None):
                                 keeper.state.sinks_written.pop(sink.name, None)
                 self.keepers[name] = keeper
-                if self.scheduler is not None:
+                if self.scheduler is not None and (self.leadership is None or self.leadership.active):
                     self._add_job(name, keeper)
                 (changed if old else added).append(name)
                 log.debug("client %s", "changed" if old else "added",
@@ -423,9 +507,12 @@ class Daemon:
         signal.signal(signal.SIGHUP, on_reload)
 
     def run_forever(self) -> int:
-        missing = self.wait_first_tokens(self.settings.scheduler.ready_timeout)
         total = len(self.keepers)
-        if missing:
+        # a standby has no tokens of its own to wait for, and a leader is elected only after a ttl
+        missing = [] if self.leadership else self.wait_first_tokens(self.settings.scheduler.ready_timeout)
+        if self.leadership:
+            status = f"{total} clients; leader election under way"
+        elif missing:
             status = f"{total - len(missing)}/{total} clients have tokens; missing: {', '.join(missing[:20])}"
         else:
             status = f"{total} clients have fresh tokens"
@@ -454,6 +541,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.leadership is not None and hasattr(self.leadership, "pause"):
+            self.leadership.pause()  # no new lease: stopping leaders do not take over again
         if self.control is not None:
             self.control.stop()
         if self.health is not None:
@@ -466,6 +555,8 @@ class Daemon:
             self.pool.shutdown(wait=False)
         with self._idle:
             self._idle.wait_for(lambda: self._running_jobs == 0, timeout=60)
+        if self.leadership is not None and hasattr(self.leadership, "stop"):
+            self.leadership.stop(release=True)  # after the last write: a standby takes over at once
         if self._daemon_lock_fd is not None:
             os.close(self._daemon_lock_fd)
             self._daemon_lock_fd = None

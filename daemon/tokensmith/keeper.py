@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from tokensmith.errors import InternalError, SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
 from tokensmith.redact import Redactor
-from tokensmith.state import ClientState, StateStore
+from tokensmith.state import ClientState, FencedError, StaleStateError, StateStore
 from tokensmith.tokens import Token, fingerprint
 
 log = logging.getLogger("tokensmith.keeper")
@@ -62,7 +62,7 @@ class Keeper:
     # slots: one keeper per client, thousands per daemon
     __slots__ = ("client", "name", "source", "sinks", "token_client", "store", "clock", "rng", "metrics", "hooks",
                  "lock", "creds", "failures", "sink_failures", "retry_at", "sink_retry_at", "refresh_at", "state",
-                 "state_unsaved", "last_compromise", "busy_since")
+                 "state_unsaved", "last_compromise", "busy_since", "leader")
 
     def __init__(self, client, source, sinks, token_client, store: StateStore, *, clock=time.time,
                  rng: random.Random | None = None, metrics=None, hooks=None):
@@ -87,6 +87,7 @@ class Keeper:
         self.state_unsaved = False
         self.last_compromise = None
         self.busy_since: float | None = None  # when the run holding the lock began; the daemon spots a stuck one
+        self.leader = None  # with a shared state backend: the leadership (before_request, fence, fenced)
 
     # ---- start-up
 
@@ -96,7 +97,13 @@ class Keeper:
         except StateError as exc:
             log.warning("%s", exc, extra={"client": self.name, "event": "state_unreadable"})
             state = None
+        self.adopt(state)
+
+    def adopt(self, state: ClientState | None) -> None:
+        """Take this state as current and schedule from it (start-up, and a standby's takeover)."""
         self.state = state or ClientState()
+        self.failures = 0
+        self.state_unsaved = False
         token = self.state.token
         if token and token.expires_at > self.clock():
             self._recognise_sinks(token)
@@ -233,6 +240,7 @@ class Keeper:
         if use_exchange:
             creds = self._credentials(fresh=reload_credentials)
             outcome.grant = "refresh_token"
+            self._before_request()
             self.metrics.refresh_attempt(self.name, "refresh_token")
             try:
                 token = self.token_client.obtain("refresh_token", creds, refresh_token=held)
@@ -253,12 +261,25 @@ class Keeper:
         creds = self._credentials(fresh=True)
         grant = self.client.grant
         outcome.grant = grant
+        self._before_request()
         self.metrics.refresh_attempt(self.name, grant)
         bootstrap = creds.refresh_token if grant == "refresh_token" else None
         token = self.token_client.obtain(grant, creds, refresh_token=bootstrap)
         if grant == "refresh_token":
             outcome.exchanged_refresh_token = True
         return token
+
+    def _before_request(self) -> None:
+        # never spend a refresh token on a lease that could lapse before the answer is stored
+        if self.leader is not None:
+            self.leader.before_request(self.client.timeout)
+
+    def _fenced(self, exc: FencedError, outcome: Outcome) -> Outcome:
+        outcome.error = exc
+        log.warning("refresh stopped: %s", exc.message, extra={"client": self.name, "event": "fenced"})
+        if self.leader is not None:
+            self.leader.fenced(exc.message)
+        return outcome
 
     def _refresh(self, *, reason: str, exchange: bool = False, reload_credentials: bool = False) -> Outcome:
         started = time.monotonic()
@@ -272,6 +293,8 @@ class Keeper:
                     self.state.refresh_token_obtained_at == self.state.obtained_at
                 token = self._obtain(outcome, exchange, reload_credentials)
                 self._commit(token, outcome)
+        except FencedError as exc:  # no longer the leader: no failure to retry, no sink write
+            return self._fenced(exc, outcome)
         except TokensmithError as exc:
             self._failed(exc, outcome, time.monotonic() - started)
             return outcome
@@ -311,6 +334,11 @@ class Keeper:
         try:
             self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
             self.state_unsaved = False
+        except FencedError:
+            raise  # a deposed leader's token goes nowhere: the new leader owns the chain
+        except StaleStateError as exc:
+            # another replica moved the chain on: its state wins; read it and try again soon
+            raise StateError(exc.message, client=self.name, retryable=True) from exc
         except StateError as exc:
             # The token is already issued (and an exchange has revoked the old one): consumers get
             # it, but its refresh token is not spent until the state directory holds it.
@@ -360,6 +388,12 @@ class Keeper:
     def _write_sinks(self, token: Token | None, outcome: Outcome) -> None:
         if token is None:
             return
+        if self.leader is not None:
+            try:
+                self.leader.fence()
+            except FencedError as exc:  # a deposed leader must not overwrite the new leader's token
+                self._fenced(exc, outcome)
+                return
         written = self.state.sinks_written
         failed = False
         unrecorded = False  # a sink written now that cannot later tell which token it holds

@@ -182,6 +182,7 @@ class Metrics:
         self._series: dict[str, _Series] = {}
         self._durations = {"ok": _histogram(), "failed": _histogram()}  # by result, for every client
         self._reload: tuple[bool, float | None] = (True, None)  # last reload ok, time of the last good one
+        self._ha = None  # leadership and state-store figures, only with a shared state backend
 
     @property
     def registry(self):
@@ -197,6 +198,7 @@ class Metrics:
                     GCCollector(registry=registry)
                 registry.register(_SeriesCollector(self))
                 registry.register(KeeperCollector(self._keepers))
+                registry.register(_LeadershipCollector(self))
                 self._registry = registry
             return self._registry
 
@@ -252,6 +254,38 @@ class Metrics:
         with self._lock:
             series = self._client(client)
             series.compromises = _bump(series.compromises, label)
+
+    # ---- leadership and the shared state store (daemon and leadership.py)
+
+    def _leadership(self) -> dict:
+        if self._ha is None:
+            self._ha = {"leader": 0.0, "transitions": 0, "renew_failures": 0, "ops": {}}
+        return self._ha
+
+    def leadership(self, leader: bool | None) -> None:
+        """None: leadership is in use (a standby so far); True/False: this replica became leader/standby."""
+        with self._lock:
+            ha = self._leadership()
+            if leader is not None:
+                ha["leader"] = 1.0 if leader else 0.0
+                ha["transitions"] += 1
+
+    def lease_renew_failure(self) -> None:
+        with self._lock:
+            self._leadership()["renew_failures"] += 1
+
+    def state_store(self, op: str, seconds: float, ok: bool) -> None:
+        label = code_label(op)
+        slot = bisect_left(DURATION_BUCKETS, max(float(seconds), 0.0))
+        with self._lock:
+            ops = self._leadership()["ops"]
+            record = ops.get(label)
+            if record is None:
+                record = ops[label] = [array("d", bytes(8 * (len(DURATION_BUCKETS) + 2))), 0]
+            record[0][slot] += 1
+            record[0][-1] += max(float(seconds), 0.0)
+            if not ok:
+                record[1] += 1
 
     # ---- lifecycle and exposition
 
@@ -347,3 +381,42 @@ class _SeriesCollector:
             duration.add_metric([result], buckets, counts[-1])
         families = [attempts, successes, failures, duration, sinks, compromises, sink_success, build, reload_ok]
         return families + ([reload_at] if reload_state[1] is not None else [])
+
+
+class _LeadershipCollector:
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
+        metrics = self.metrics
+        with metrics._lock:
+            ha = metrics._ha
+            if ha is None:
+                return []
+            leader, transitions, renew_failures = ha["leader"], ha["transitions"], ha["renew_failures"]
+            ops = {op: (record[0].tolist(), record[1]) for op, record in ha["ops"].items()}
+        is_leader = GaugeMetricFamily(f"{PREFIX}_is_leader", "1 while this replica holds the leader lease")
+        is_leader.add_metric([], leader)
+        changes = CounterMetricFamily(f"{PREFIX}_leader_transitions", "Times this replica became leader or standby")
+        changes.add_metric([], transitions)
+        renews = CounterMetricFamily(f"{PREFIX}_lease_renew_failures", "Failed reads or writes of the leader lease")
+        renews.add_metric([], renew_failures)
+        latency = HistogramMetricFamily(f"{PREFIX}_state_store_duration_seconds",
+                                        "Time a shared state store operation took", labels=["op"])
+        errors = CounterMetricFamily(f"{PREFIX}_state_store_errors", "Shared state store operations that failed",
+                                     labels=["op"])
+        bounds = [floatToGoString(b) for b in DURATION_BUCKETS] + ["+Inf"]
+        for op, (counts, failed) in ops.items():
+            cumulative, buckets = 0.0, []
+            for bound, count in zip(bounds, counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            latency.add_metric([op], buckets, counts[-1])
+            errors.add_metric([op], failed)
+        return [is_leader, changes, renews, latency, errors]

@@ -138,8 +138,15 @@ The tokensmith container. Call with (dict "root" $ "role" "central|native|classi
   restartPolicy: Always
   {{- end }}
   args: ["run", "--config", "/etc/tokensmith/config.yaml"]
-  {{- if or $v.secretEnv $v.extraEnv }}
+  {{- if or $v.secretEnv $v.extraEnv (eq $role "central") }}
   env:
+    {{- if eq $role "central" }}
+    # the replica's name in the leader lease (shared state backend), shown by `status`
+    - name: POD_NAME
+      valueFrom:
+        fieldRef:
+          fieldPath: metadata.name
+    {{- end }}
     {{- range $v.secretEnv }}
     - name: {{ .name }}
       valueFrom:
@@ -222,9 +229,14 @@ state holds refresh tokens, and the root filesystem is read-only.
   configMap:
     name: {{ include "tokensmith.configMapName" $root }}
 - name: tokensmith-state
+  {{- if and (eq .role "central") $v.central.persistence.enabled }}
+  persistentVolumeClaim:
+    claimName: {{ include "tokensmith.fullname" $root }}-state
+  {{- else }}
   emptyDir:
     medium: Memory
     sizeLimit: {{ $v.stateVolumeSizeLimit }}
+  {{- end }}
 - name: tokensmith-runtime
   emptyDir:
     medium: Memory
@@ -290,4 +302,12 @@ appVolumeMounts:
     readOnly: true
 podAnnotations:
   {{- include "tokensmith.podAnnotations" . | nindent 2 }}
+{{- end }}
+
+{{/*
+Non-empty when the config keeps state in a store shared by replicas (vault, dynamodb).
+*/}}
+{{- define "tokensmith.sharedState" -}}
+{{- $state := .Values.config.state | default dict }}
+{{- if has ($state.type | default "file") (list "vault" "dynamodb") }}true{{ end }}
 {{- end }}
