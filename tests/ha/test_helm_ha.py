@@ -5,7 +5,6 @@ refusing replicas > 1 without one, and the single-replica PersistentVolumeClaim 
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from test_helm import (CHART, RELEASE, _by_kind, _config, _example, _helm, _mount_for,  # noqa: F401
                        _one_kind, _pod_spec, _render, _tokensmith_container, _volume, _write,
