@@ -34,8 +34,8 @@ class FakeDaemon:
     def not_ready(self) -> list[str]:
         return [name for name, keeper in self.keepers.items() if not keeper.ready()]
 
-    def serving(self) -> bool:
-        return self.alive is True
+    def not_serving(self) -> str | None:
+        return None if self.alive is True else "not serving"
 
 
 @pytest.fixture(scope="module")

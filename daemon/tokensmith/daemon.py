@@ -367,14 +367,17 @@ class Daemon:
     def serving(self) -> bool:
         """Readiness (/readyz): the daemon runs and its scheduler is alive. Whether each client has a
         token is for metrics, status and alerts (and /readyz?strict=1)."""
+        return self.not_serving() is None
+
+    def not_serving(self) -> str | None:
         if self.stop_event.is_set() or self.scheduler is None or not self.scheduler.running:
-            return False
+            return "not serving"
         thread = getattr(self.scheduler, "_thread", None)
         if thread is not None and not thread.is_alive():
-            return False
-        if self.leadership is not None and not self.leadership.active:
-            return bool(self.leadership.store_reachable)  # a standby serves by being able to take over
-        return True
+            return "not serving"
+        if self.leadership is not None and not self.leadership.active and not self.leadership.store_reachable:
+            return "standby (the state store is unreachable)"  # a standby serves by being able to take over
+        return None
 
     def wait_first_tokens(self, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout

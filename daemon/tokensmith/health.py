@@ -72,11 +72,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200 if healthy else 503, b"ok\n" if healthy else b"unhealthy\n")
         elif path == "/readyz" and parse_qs(url.query).get("strict", ["0"])[-1] in ("0", "false", ""):
             try:
-                serving = bool(daemon.serving())
+                problem = daemon.not_serving()
             except Exception:
                 log.exception("readiness check raised")
-                serving = False
-            self._send(200 if serving else 503, b"ready\n" if serving else b"not ready: not serving\n")
+                problem = "readiness check failed"
+            self._send(503 if problem else 200, f"not ready: {problem}\n".encode() if problem else b"ready\n")
         elif path == "/readyz":
             try:
                 waiting = [str(name) for name in daemon.not_ready()]

@@ -62,6 +62,15 @@ class FakeDaemon:
     def not_ready(self):
         return []
 
+    def not_serving(self):
+        return None
+
+    def leadership_status(self):
+        return {}
+
+    def standby_refusal(self):
+        return None
+
 
 @pytest.fixture
 def fake(tmp_path):

@@ -58,7 +58,8 @@ class DynamoStateStore(SharedStateStore):
             return None, 0
         try:
             version = int(item["version"]["N"])
-            record = {"state": item["state"]["S"], "epoch": int(item.get("epoch", {}).get("N", 0))}
+            record = {"state": item["state"]["S"], "epoch": int(item.get("epoch", {}).get("N", 0)),
+                      "writer": item.get("writer", {}).get("S")}
         except (KeyError, TypeError, ValueError):
             return {"state": None}, int((item.get("version") or {}).get("N", 0) or 0)
         return record, version
@@ -69,6 +70,8 @@ class DynamoStateStore(SharedStateStore):
         item = {"pk": {"S": CLIENT + client}, "version": {"N": str(cas + 1)}, "epoch": {"N": str(record["epoch"])},
                 "format": {"N": str(record["format"])},
                 "state": {"S": json.dumps(record["state"], separators=(",", ":"))}}
+        if record.get("writer"):
+            item["writer"] = {"S": record["writer"]}
         if cas:
             condition = {"ConditionExpression": "version = :v", "ExpressionAttributeValues": {":v": {"N": str(cas)}}}
         else:

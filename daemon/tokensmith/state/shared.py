@@ -57,6 +57,7 @@ class SharedStateStore:
         self.epoch = 0
         self.fence = None
         self.versions: dict[str, int] = {}  # per client: the version this object last read or wrote
+        self.writer = secrets.token_hex(8)  # tells this object's own committed write from another's equal one
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -129,7 +130,7 @@ class SharedStateStore:
         if self.fence is not None:
             self.fence()
         cas = self.versions.get(client, 0)
-        version = self._write(client, encode(state, self.epoch), cas)
+        version = self._write(client, {**encode(state, self.epoch), "writer": self.writer}, cas)
         if version is None:
             current, now = self._read(client)
             if now == cas + 1 and self._is_own_write(current, state):
@@ -142,7 +143,7 @@ class SharedStateStore:
         self.versions[client] = version
 
     def _is_own_write(self, record: dict | None, state: ClientState) -> bool:
-        if not isinstance(record, dict) or record.get("epoch") != self.epoch:
+        if not isinstance(record, dict) or record.get("epoch") != self.epoch or record.get("writer") != self.writer:
             return False
         try:
             return decode(record) == state
