@@ -18,7 +18,9 @@ import time
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote_plus, urlencode, urlsplit
 
+from tokensmith.clientauth import SECRET_METHODS, ClientAuth
 from tokensmith.errors import TokenEndpointError
+from tokensmith.proxy import ProxyError, proxy_for
 from tokensmith.sources import Credentials
 from tokensmith.tokens import Token
 from tokensmith.transport import BodyError, HttpPool, Reply, TLSSetupError, make_session
@@ -28,6 +30,8 @@ MAX_LIFETIME = 366 * 24 * 3600.0
 NON_RETRYABLE_OAUTH = {"invalid_client", "invalid_grant", "unsupported_grant_type", "unauthorized_client",
                        "invalid_scope", "invalid_request", "access_denied"}
 TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
+CLIENT_CERT_REFUSED = {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                       "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_ACCESS_DENIED"}
 
 
 def basic_auth_header(client_id: str, client_secret: str) -> str:
@@ -136,22 +140,39 @@ def _describe(text: str, secrets: list[str]) -> str:
 
 
 class TokenClient:
-    def __init__(self, client, session: HttpPool | None = None, clock=time.time):
+    def __init__(self, client, session: HttpPool | None = None, clock=time.time, discovery=None):
         self.client = client
         self.session = session or make_session()
         self.clock = clock
+        self.auth = ClientAuth(client, clock)
+        self.discovery = discovery
+        if discovery is None and client.issuer:
+            from tokensmith.discovery import Discovery
 
-    def _auth(self, creds: Credentials, params: dict, headers: dict) -> None:
-        if self.client.auth_style == "basic":
-            headers["Authorization"] = basic_auth_header(creds.client_id, creds.client_secret or "")
-        else:
-            params["client_id"] = creds.client_id
-            if creds.client_secret is not None:
-                params["client_secret"] = creds.client_secret
+            self.discovery = Discovery(client, self.session, clock)
+
+    @property
+    def method(self) -> str:
+        return self.auth.method
+
+    def endpoint(self, field: str) -> str | None:
+        """token_url, revocation_url or introspection_url: configured, else from the issuer's metadata."""
+        configured = getattr(self.client, field)
+        if configured or self.discovery is None:
+            return configured
+        return self.discovery.endpoint(field)
+
+    def _auth(self, creds: Credentials, params: dict, headers: dict, dialect: str):
+        if self.discovery is not None and "auth_style" not in self.client.model_fields_set:
+            self.auth.method = self.discovery.auth_method()
+        token_url = self.endpoint("token_url")
+        return self.auth.apply(creds, params, headers, token_url=token_url, dialect=dialect)
 
     def _post(self, url: str, params: dict, creds: Credentials, *, dialect: str, what: str) -> tuple[Reply, bytes]:
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "tokensmith"}
-        self._auth(creds, params, headers)
+        ssl_context = self._auth(creds, params, headers, dialect)
+        if self.method not in SECRET_METHODS:
+            what = f"{what} ({self.method})"
         body = None
         if dialect == "json":
             body = json.dumps(params, allow_nan=False).encode()
@@ -163,9 +184,17 @@ class TokenClient:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         name = self.client.name
         try:
+            proxy = proxy_for(url, self.client.proxy, username=creds.proxy_username, password=creds.proxy_password)
+        except ValueError as exc:
+            raise TokenEndpointError(f"{what}: proxy from the environment: {exc}", client=name,
+                                     retryable=False, error="proxy") from None
+        try:
             response, body = self.session.post(url, body, headers, timeout=self.client.timeout,
                                                ca_bundle=str(self.client.ca_bundle) if self.client.ca_bundle else None,
-                                               max_body=MAX_BODY)
+                                               max_body=MAX_BODY, proxy=proxy, ssl_context=ssl_context)
+        except ProxyError as exc:
+            raise TokenEndpointError(f"{what}: {exc}", client=name, retryable=exc.status != 407,
+                                     error="proxy", status=exc.status) from exc
         except TLSSetupError as exc:
             raise TokenEndpointError(f"{what}: TLS setup failed: {exc}", client=name, retryable=True) from exc
         except BodyError as exc:
@@ -178,9 +207,17 @@ class TokenClient:
             import ssl
 
             if isinstance(exc, ssl.SSLError):
+                if ssl_context is not None and getattr(exc, "reason", None) in CLIENT_CERT_REFUSED:
+                    raise TokenEndpointError(f"{what}: the endpoint refused the client certificate "
+                                             f"({exc.reason})", client=name, retryable=False,
+                                             error="invalid_client") from exc
                 raise TokenEndpointError(f"{what}: TLS verification failed", client=name, retryable=True) from exc
             raise TokenEndpointError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", client=name,
                                      retryable=True, error="unreachable") from exc
+        if proxy is not None and response.status_code == 407:
+            raise TokenEndpointError(f"{what}: proxy {proxy.label} refused the request with status 407 "
+                                     "(proxy authentication)", client=name, retryable=False, error="proxy",
+                                     status=407)
         if len(body) > MAX_BODY:
             raise TokenEndpointError(f"{what}: response larger than {MAX_BODY // 1024} KiB refused", client=name,
                                      retryable=True, status=response.status_code, error="oversized_response")
@@ -225,29 +262,36 @@ class TokenClient:
         params.update(self.client.extra_params)
         sent_at = self.clock()
         what = f"{grant} grant"
-        response, body = self._post(self.client.token_url, params, creds, dialect=self.client.auth_style, what=what)
+        token_url = self.endpoint("token_url")
+        dialect = self.method if self.method in SECRET_METHODS else "post"
+        response, body = self._post(token_url, params, creds, dialect=dialect, what=what)
         if response.status_code != 200:
-            raise self._error(response, body, creds, what)
+            error = self._error(response, body, creds, f"{what} ({self.method})" if dialect != self.method else what)
+            if error.error == "invalid_client" and self.discovery is not None:
+                self.discovery.stale()
+            raise error
         return parse_token_response(body, client=self.client.name, sent_at=sent_at,
                                     default_lifetime=self.client.refresh.default_lifetime)
 
     def revoke(self, token: str, hint: str, creds: Credentials) -> None:
         """RFC 7009. Revocation is always form-encoded; the client authenticates in its own style."""
-        if not self.client.revocation_url:
+        url = self.endpoint("revocation_url")
+        if not url:
             raise TokenEndpointError("no revocation_url configured", client=self.client.name, retryable=False)
-        dialect = "basic" if self.client.auth_style == "basic" else "post"
+        dialect = "basic" if self.method == "basic" else "post"
         what = f"revoke {hint}"
-        response, body = self._post(self.client.revocation_url, {"token": token, "token_type_hint": hint}, creds,
+        response, body = self._post(url, {"token": token, "token_type_hint": hint}, creds,
                                     dialect=dialect, what=what)
         if response.status_code != 200:
             raise self._error(response, body, creds, what)
 
     def introspect(self, token: str, creds: Credentials) -> bool:
         """RFC 7662: True when the server says the token is still active."""
-        if not self.client.introspection_url:
+        url = self.endpoint("introspection_url")
+        if not url:
             raise TokenEndpointError("no introspection_url configured", client=self.client.name, retryable=False)
-        dialect = "basic" if self.client.auth_style == "basic" else "post"
-        response, body = self._post(self.client.introspection_url, {"token": token}, creds, dialect=dialect,
+        dialect = "basic" if self.method == "basic" else "post"
+        response, body = self._post(url, {"token": token}, creds, dialect=dialect,
                                     what="introspection")
         if response.status_code != 200:
             raise self._error(response, body, creds, "introspection")
