@@ -35,6 +35,9 @@ from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 MAX_BODY = 64 * 1024
 DIALECTS = ("basic", "post", "json", "query")
+# client authentication beside the dialects: checked strictly, as a real provider does
+AUTH_METHODS = ("client_secret_jwt", "private_key_jwt", "tls_client_auth", "jwt_bearer")
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRANTS = ("client_credentials", "password", "refresh_token")
 FORM = "application/x-www-form-urlencoded"
 STATS = ("token_requests", "issued", "refresh_exchanges", "refresh_reuse", "invalid_client", "revocations",
@@ -86,7 +89,8 @@ class OAuthServer:
     """Serves /oauth2/token, /oauth2/revoke (RFC 7009), /oauth2/introspect (RFC 7662) and /resource."""
 
     def __init__(self, host="127.0.0.1", port=0, *, access_lifetime=3600, refresh_lifetime=7 * 24 * 3600,
-                 jwt=False, expires_in_as_string=False, issue_refresh_tokens=True, clock=time.time):
+                 jwt=False, expires_in_as_string=False, issue_refresh_tokens=True, clock=time.time,
+                 tls_context=None):
         self.access_lifetime = access_lifetime
         self.refresh_lifetime = refresh_lifetime
         self.jwt = jwt
@@ -102,12 +106,17 @@ class OAuthServer:
         self._issued = {}
         self._issued_refresh = {}
         self._faults = deque()
+        self._seen_jti = {}
+        self.rejections = []  # (client_id, reason) of every failed client authentication, for tests
+        self.auth_methods = ["client_secret_basic", "client_secret_post", *AUTH_METHODS[:3]]
         self._routes = {"/oauth2/token": ("POST", self._token), "/oauth2/revoke": ("POST", self._revoke),
-                        "/oauth2/introspect": ("POST", self._introspect), "/resource": ("GET", self._resource)}
-        self._httpd = _HTTPServer((host, port), self)  # bound now so that url is known before start()
+                        "/oauth2/introspect": ("POST", self._introspect), "/resource": ("GET", self._resource),
+                        "/.well-known/oauth-authorization-server": ("GET", self._metadata)}
+        self._httpd = _HTTPServer((host, port), self, tls_context)  # bound now so that url is known before start()
         self._thread = None
         bound_host, bound_port = self._httpd.server_address[:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self.url = f"{'https' if tls_context else 'http'}://{bound_host}:{bound_port}"
+        self.issuer = self.url
         self.token_url = self.url + "/oauth2/token"
         self.revocation_url = self.url + "/oauth2/revoke"
         self.introspection_url = self.url + "/oauth2/introspect"
@@ -143,13 +152,24 @@ class OAuthServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def add_client(self, client_id, client_secret, *, dialect="post", users=None, access_lifetime=None):
+    def add_client(self, client_id, client_secret, *, dialect="post", users=None, access_lifetime=None, auth=None,
+                   key=None, audience=None):
+        """auth: None (the dialect's secret) or one of AUTH_METHODS. key: for private_key_jwt the public key
+        (PEM), for tls_client_auth the certificate's SHA-256 fingerprint (hex), for jwt_bearer the issuer's
+        public key (PEM). audience: what an assertion's aud must hold (default the token URL or issuer)."""
         if dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+        if auth is not None and auth not in AUTH_METHODS:
+            raise ValueError(f"unknown auth {auth!r}; expected one of {', '.join(AUTH_METHODS)}")
         with self._lock:
             self._clients[client_id] = SimpleNamespace(secret=client_secret, dialect=dialect,
-                                                       users=dict(users or {}), access_lifetime=access_lifetime)
+                                                       users=dict(users or {}), access_lifetime=access_lifetime,
+                                                       auth=auth, key=key, audience=audience)
             self._issued.setdefault(client_id, [])
+
+    def set_client_key(self, client_id, key):
+        with self._lock:
+            self._clients[client_id].key = key
 
     def set_client_secret(self, client_id, new_secret):
         with self._lock:
@@ -180,7 +200,7 @@ class OAuthServer:
 
     # Each route takes (query, headers, body) and returns a JSON payload, or raises _OAuthError.
 
-    def _handle(self, method, target, headers, body):
+    def _handle(self, method, target, headers, body, peer_cert=None):
         url = urlsplit(target)
         route = self._routes.get(url.path)
         delay = 0.0
@@ -198,6 +218,7 @@ class OAuthServer:
                         return fault.status, fault.body, fault.headers, fault.delay, fault.drop
                     delay = fault.delay
             query = dict(parse_qsl(url.query, keep_blank_values=True))
+            headers = _WithPeer(headers, peer_cert)
             status, payload, extra = 200, route[1](query, headers, body), {}
         except _OAuthError as e:
             status, payload, extra = e.status, {"error": e.error, "error_description": e.description}, e.headers
@@ -232,8 +253,11 @@ class OAuthServer:
                 raise _OAuthError("unsupported_grant_type",
                                  f"The authorization grant type '{grant or ' '}' is not supported by the "
                                  "authorization server")
-            secret = (basic[1] if basic else None) if dialect == "basic" else params.get("client_secret")
-            self._check_client(client, secret, challenge=dialect == "basic")
+            if client is not None and client.auth:
+                self._check_method(client_id, client, params, headers)
+            else:
+                secret = (basic[1] if basic else None) if dialect == "basic" else params.get("client_secret")
+                self._check_client(client, secret, challenge=dialect == "basic")
             user = None
             if grant == "password":
                 user = params.get("username")
@@ -302,12 +326,71 @@ class OAuthServer:
             raise _OAuthError("invalid_client", "Client authentication failed.", 401 if challenge else 400,
                              {"WWW-Authenticate": 'Basic realm="tokensmith"'} if challenge else None)
 
+    def _reject(self, client_id, reason):
+        self.stats["invalid_client"] += 1
+        self.rejections.append((client_id, reason))
+        raise _OAuthError("invalid_client", f"Client authentication failed: {reason}.", 401)
+
+    def _check_method(self, client_id, client, params, headers):
+        """private_key_jwt, client_secret_jwt, jwt_bearer: a signed assertion (RFC 7523 §3); tls_client_auth:
+        the handshake's certificate. Every failure is invalid_client, with the reason in the description."""
+        if client.auth == "tls_client_auth":
+            cert = headers.peer_cert
+            if not cert:
+                self._reject(client_id, "no client certificate")
+            if not hmac.compare_digest(hashlib.sha256(cert).hexdigest(), (client.key or "").lower()):
+                self._reject(client_id, "certificate not registered for this client")
+            return
+        import jwt
+
+        if params.get("client_assertion_type") != ASSERTION_TYPE or not params.get("client_assertion"):
+            self._reject(client_id, f"{client.auth} needs a client_assertion")
+        if client.auth == "client_secret_jwt":
+            key, algorithms = client.secret.encode(), ["HS256", "HS384", "HS512"]
+        else:
+            key, algorithms = client.key, ["RS256", "RS384", "PS256", "ES256", "ES384", "EdDSA"]
+        audience = client.audience or [self.token_url, self.issuer]
+        try:
+            claims = jwt.decode(params["client_assertion"], key, algorithms=algorithms, audience=audience,
+                                options={"require": ["exp", "iat", "jti"] if client.auth != "jwt_bearer" else ["exp"],
+                                         "verify_iat": False}, leeway=0)
+        except jwt.ExpiredSignatureError:
+            self._reject(client_id, "assertion expired")
+        except jwt.InvalidAudienceError:
+            self._reject(client_id, "assertion audience is wrong")
+        except jwt.InvalidSignatureError:
+            self._reject(client_id, "assertion signature does not verify")
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            self._reject(client_id, f"assertion invalid ({type(exc).__name__})")
+        if client.auth != "jwt_bearer" and not (claims.get("iss") == claims.get("sub") == client_id):
+            self._reject(client_id, "assertion iss/sub is not the client")
+        if claims["exp"] - self.clock() > 3600 and client.auth != "jwt_bearer":
+            self._reject(client_id, "assertion lives too long")
+        jti = claims.get("jti")
+        if jti is not None:
+            now = self.clock()
+            seen = self._seen_jti.get((client_id, jti))
+            if seen is not None and seen > now:
+                self._reject(client_id, "assertion jti replayed")
+            self._seen_jti[(client_id, jti)] = claims["exp"]
+
+    def _metadata(self, query, headers, body):
+        return {"issuer": self.issuer, "token_endpoint": self.token_url, "revocation_endpoint": self.revocation_url,
+                "introspection_endpoint": self.introspection_url,
+                "grant_types_supported": list(GRANTS),
+                "token_endpoint_auth_methods_supported": list(self.auth_methods),
+                "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA", "HS256"]}
+
     def _authenticated_form(self, headers, body):
-        """For revoke and introspect: Basic or form client credentials, and the form's token."""
+        """For revoke and introspect: Basic or form client credentials (or the client's method), and the token."""
         form = _form(body) if _content_type(headers) == FORM else {}
         basic = _basic_credentials(headers)
         client_id, secret = basic or (form.get("client_id"), form.get("client_secret"))
-        self._check_client(self._clients.get(client_id), secret, challenge=basic is not None)
+        client = self._clients.get(client_id)
+        if client is not None and client.auth:
+            self._check_method(client_id, client, form, headers)
+        else:
+            self._check_client(client, secret, challenge=basic is not None)
         if not form.get("token"):
             raise _OAuthError("invalid_request", "The token parameter is required.")
         return client_id, form["token"]
@@ -353,11 +436,34 @@ class OAuthServer:
             return record if record and self.clock() < record.exp else None
 
 
+class _WithPeer:
+    """The request's headers, and the TLS client certificate (DER) it came with."""
+
+    def __init__(self, headers, peer_cert):
+        self._headers = headers
+        self.peer_cert = peer_cert
+
+    def get(self, name, default=None):
+        return self._headers.get(name, default)
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    def __init__(self, address, app):
+    def __init__(self, address, app, tls_context=None):
         self.app = app
         self.connections = set()
+        self.tls_context = tls_context
         super().__init__(address, _Handler)
+
+    def finish_request(self, request, client_address):
+        # the handshake in the connection's own thread, so a slow or failing client holds up no other
+        if self.tls_context is not None:
+            try:
+                request.settimeout(5)
+                request = self.tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except OSError:
+                return
+        super().finish_request(request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is not worth a traceback
@@ -393,7 +499,8 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"error": "invalid_request", "error_description": "Request body too large or unsized."}
             return self._reply(413, json.dumps(error).encode(), {"Content-Type": "application/json"})
         body = self.rfile.read(int(length))
-        status, payload, headers, delay, drop = self.server.app._handle(method, self.path, self.headers, body)
+        peer = self.connection.getpeercert(binary_form=True) if hasattr(self.connection, "getpeercert") else None
+        status, payload, headers, delay, drop = self.server.app._handle(method, self.path, self.headers, body, peer)
         if delay:
             time.sleep(delay)
         if drop:

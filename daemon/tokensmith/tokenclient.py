@@ -193,7 +193,7 @@ class TokenClient:
                                                ca_bundle=str(self.client.ca_bundle) if self.client.ca_bundle else None,
                                                max_body=MAX_BODY, proxy=proxy, ssl_context=ssl_context)
         except ProxyError as exc:
-            raise TokenEndpointError(f"{what}: {exc}", client=name, retryable=exc.status != 407,
+            raise TokenEndpointError(f"{what}: {exc}", client=name, retryable=exc.status not in (401, 407),
                                      error="proxy", status=exc.status) from exc
         except TLSSetupError as exc:
             raise TokenEndpointError(f"{what}: TLS setup failed: {exc}", client=name, retryable=True) from exc
