@@ -367,7 +367,7 @@ class OAuthServer:
         if claims["exp"] - self.clock() > 3600 and client.auth != "jwt_bearer":
             self._reject(client_id, "assertion lives too long")
         jti = claims.get("jti")
-        if jti is not None:
+        if jti is not None and client.auth != "jwt_bearer":  # a projected token is sent until it is replaced
             now = self.clock()
             seen = self._seen_jti.get((client_id, jti))
             if seen is not None and seen > now:
