@@ -98,3 +98,63 @@ def tinyproxy_auth(proxy_dir, tls_oauth):
     proxy = Tinyproxy(proxy_dir, [int(tls_oauth.url.rsplit(":", 1)[1])], "BasicAuth proxyuser proxy-pass-W7q")
     yield proxy
     proxy.stop()
+
+
+IDP_DIR = Path(__file__).parent.parent / "idp"
+
+
+class Idp:
+    """panva's oidc-provider (tests/idp/server.mjs) with the given clients, on a free loopback port."""
+
+    def __init__(self, directory: Path, clients: list[dict]):
+        import json
+
+        if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
+            raise RuntimeError("tests/idp/node_modules is missing; scripts/test runs npm ci there")
+        config = directory / "idp.json"
+        config.write_text(json.dumps({"clients": clients}))
+        self.stderr = directory / "idp.stderr"
+        self.process = subprocess.Popen(["node", str(IDP_DIR / "server.mjs"), str(config)], stdout=subprocess.PIPE,
+                                        stderr=self.stderr.open("wb"), text=True)
+        line = self.process.stdout.readline()
+        if not line:
+            self.stop()
+            raise RuntimeError(f"oidc-provider did not start: {self.stderr.read_text()[-500:]}")
+        self.issuer = json.loads(line)["issuer"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+IDP_SECRET = "an-oidc-provider-client-secret-long-enough-for-HS256"
+
+
+@pytest.fixture(scope="session")
+def idp(tmp_path_factory):
+    """oidc-provider with clients pkjwt (private_key_jwt, RS256 key idp.keys["pkjwt"]), csjwt
+    (client_secret_jwt) and basic (client_secret_basic), all for the client_credentials grant."""
+    from jwt.algorithms import RSAAlgorithm
+
+    from pki import new_key
+
+    key = new_key("rsa")
+    from tokensmith.clientauth import jwk_thumbprint
+
+    jwk = {**RSAAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": jwk_thumbprint(key.public_key())}
+    common = {"grant_types": ["client_credentials"], "redirect_uris": [], "response_types": []}
+    clients = [{"client_id": "pkjwt", "token_endpoint_auth_method": "private_key_jwt", "jwks": {"keys": [jwk]},
+                **common},
+               {"client_id": "csjwt", "client_secret": IDP_SECRET, "token_endpoint_auth_method": "client_secret_jwt",
+                **common},
+               {"client_id": "basic", "client_secret": IDP_SECRET, "token_endpoint_auth_method": "client_secret_basic",
+                **common}]
+    server = Idp(tmp_path_factory.mktemp("idp"), clients)
+    server.keys = {"pkjwt": key}
+    yield server
+    server.stop()
