@@ -44,7 +44,9 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--json", action="store_true")
     status = sub.add_parser("status", parents=[common], help="show every client's token")
     status.add_argument("--json", action="store_true")
-    sub.add_parser("check-config", parents=[common], help="validate the config and list every problem")
+    check = sub.add_parser("check-config", parents=[common], help="validate the config and list every problem")
+    check.add_argument("--online", action="store_true",
+                       help="also discover each issuer and make one dry token request per client (no sink written)")
     demo = sub.add_parser("demo", help="run against a built-in local token endpoint, with a live view")
     demo.add_argument("--dir", default="./demo", help="where the demo's config, credentials and tokens go")
     demo.add_argument("--lifetime", type=int, default=12, help="token lifetime in seconds")
@@ -290,6 +292,11 @@ def cmd_check_config(args) -> int:
     for var in ignored_env(os.environ):
         print(f"note: {var} names no config field and is ignored")
     print(f"config ok: {len(settings.clients)} client(s): {', '.join(c.name for c in settings.clients)}")
+    if getattr(args, "online", False):
+        from tokensmith.discovery import check_online
+
+        if check_online(settings, sys.stdout):
+            return EXIT_CHECK_CONFIG
     return EXIT_OK
 
 

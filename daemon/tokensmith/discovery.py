@@ -136,3 +136,46 @@ class Discovery:
                 return PROVIDER_NAMES.get(name, name)
         raise self.error(f"the provider supports none of the secret-based methods ({', '.join(map(str, supported))}); "
                          "set auth_style", retryable=False)
+
+
+def check_online(settings, out) -> int:
+    """check-config --online: per client, the discovery (when configured by issuer) and one dry token request
+    with the client's grant, writing no sink and no state. Prints a line per client; answers the number of
+    clients that failed. A refresh_token grant is not tried: it would spend the bootstrap refresh token."""
+    from tokensmith.backends import Backends
+    from tokensmith.errors import TokensmithError
+    from tokensmith.sources import build_source
+    from tokensmith.tokenclient import TokenClient
+    from tokensmith.transport import make_session
+
+    backends = Backends(settings)
+    session = make_session(2)
+    failed = 0
+    try:
+        for client in settings.clients:
+            token_client = TokenClient(client, session)
+            found = []
+            try:
+                if token_client.discovery is not None:
+                    discovery = token_client.discovery
+                    discovery.metadata()
+                    found.append(f"discovered {discovery.source_url}")
+                    for field in ENDPOINTS:
+                        url = token_client.endpoint(field)
+                        if url and not getattr(client, field):
+                            found.append(f"{field}={url}")
+                creds = build_source(client, backends).read()
+                if client.grant == "refresh_token":
+                    found.append("token request skipped (it would spend the refresh token)")
+                else:
+                    token = token_client.obtain(client.grant, creds)
+                    found.append(f"{client.grant} ok with {token_client.method}, token lives "
+                                 f"{token.expires_at - token.obtained_at:.0f}s")
+            except TokensmithError as exc:
+                failed += 1
+                print(f"error: client {client.name}: " + "; ".join(found + [exc.message]), file=out)
+                continue
+            print(f"online ok: client {client.name}: " + "; ".join(found), file=out)
+    finally:
+        session.close()
+    return failed

@@ -153,6 +153,9 @@ class TokenClient:
 
     @property
     def method(self) -> str:
+        """The client authentication method: configured, else picked from what the provider supports."""
+        if self.discovery is not None and "auth_style" not in self.client.model_fields_set:
+            self.auth.method = self.discovery.auth_method()
         return self.auth.method
 
     def endpoint(self, field: str) -> str | None:
@@ -163,8 +166,6 @@ class TokenClient:
         return self.discovery.endpoint(field)
 
     def _auth(self, creds: Credentials, params: dict, headers: dict, dialect: str):
-        if self.discovery is not None and "auth_style" not in self.client.model_fields_set:
-            self.auth.method = self.discovery.auth_method()
         token_url = self.endpoint("token_url")
         return self.auth.apply(creds, params, headers, token_url=token_url, dialect=dialect)
 
