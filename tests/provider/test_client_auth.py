@@ -240,3 +240,12 @@ def test_rejected_assertion_is_an_alert_in_status(server, tmp_path):
     assert outcome.error.error == "invalid_client" and not outcome.error.retryable
     alert = keeper.status()["alert"]
     assert "private_key_jwt" in alert and "signature" in alert and "BEGIN" not in str(keeper.status())
+
+
+def test_enterprise_example_config_loads_with_one_client_per_method():
+    from pathlib import Path
+
+    from tokensmith.config import load_settings
+
+    settings = load_settings(Path(__file__).parents[2] / "config" / "enterprise-auth.yaml", environ={})
+    assert {c.auth_style for c in settings.clients} == {"jwt_bearer_file", "private_key_jwt", "tls_client_auth"}
