@@ -249,3 +249,27 @@ def test_enterprise_example_config_loads_with_one_client_per_method():
 
     settings = load_settings(Path(__file__).parents[2] / "config" / "enterprise-auth.yaml", environ={})
     assert {c.auth_style for c in settings.clients} == {"jwt_bearer_file", "private_key_jwt", "tls_client_auth"}
+
+
+def test_keeper_signs_with_the_rotated_key_from_its_file_source_without_restart(server, tmp_path):
+    key = new_key("rsa")
+    server.add_client("pk", "", auth="private_key_jwt", key=public_pem(key))
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps({"client_id": "pk", "private_key": private_pem(key)}))
+    os.chmod(path, 0o600)
+    cfg = ClientConfig(name="keeper-rotation", token_url=server.token_url, auth_style="private_key_jwt",
+                       source={"type": "file", "path": str(path)}, sinks=[{"type": "file", "path": "/run/t/k"}],
+                       refresh={"strategy": "reissue"})
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    sink = MemorySink()
+    keeper = Keeper(cfg, FileSource(cfg, None), [sink], TokenClient(cfg), store, rng=random.Random(1))
+    keeper.load()
+    assert keeper.refresh(reason="test").ok
+    rotated = new_key("rsa")
+    server.set_client_key("pk", public_pem(rotated))  # the provider now knows only the new key
+    path.write_text(json.dumps({"client_id": "pk", "private_key": private_pem(rotated), "rotated": True}))
+    os.chmod(path, 0o600)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok, outcome.error
+    assert server.is_active(sink.current.access_token)

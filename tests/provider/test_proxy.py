@@ -225,3 +225,18 @@ def test_deadline_covers_a_proxy_that_never_answers_connect(env, tls_oauth):
     assert time.monotonic() - started < 1.5
     assert info.value.error == "timeout"
     listener.close()
+
+
+def test_verify_url_check_goes_through_the_proxy(env, tinyproxy, oauth):
+    from tokensmith.compromise import verify_with_resource
+
+    oauth.add_client("v", SECRET)
+    client, creds = client_for(oauth, "verify")
+    old = client.obtain("client_credentials", creds).access_token
+    new = client.obtain("client_credentials", creds).access_token
+    oauth._access.pop(old)
+    env.setenv("HTTP_PROXY", tinyproxy.url)
+    assert verify_with_resource(oauth.resource_url, old, new, timeout=5) == "verified"
+    assert tinyproxy.requests(f"GET {oauth.resource_url}") == 2
+    assert verify_with_resource(oauth.resource_url, old, new, timeout=5, proxy="http://127.0.0.1:1").startswith(
+        "error: cannot reach proxy 127.0.0.1:1")
