@@ -197,6 +197,9 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
         if result["verification"] in ("unverified", "verified") or by_resource != "verified":
             result["verification"] = by_resource
 
+    if old_access:
+        result["purged"] = purge_history(keeper, old_access)
+
     if not old_access:
         result.update(result="no_old_token", message="there was no token to invalidate; a new one was written")
     elif result["verification"].startswith(("failed", "error")):
@@ -219,10 +222,26 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     return result
 
 
+def purge_history(keeper, old_access: str) -> dict:
+    """Per sink, what was done to remove the leaked token from the store's version history (where the store
+    keeps one and allows it). A failure is reported, not raised: the rotation itself has succeeded."""
+    purged = {}
+    for sink in keeper.sinks:
+        purge = getattr(sink, "purge", None)
+        if purge is None:
+            purged[sink.name] = "nothing to remove: no version history"
+            continue
+        try:
+            purged[sink.name] = purge(old_access)
+        except TokensmithError as exc:
+            purged[sink.name] = f"not removed: {exc.message}"
+    return purged
+
+
 def append_audit(path, result: dict) -> None:
     record = {key: result[key] for key in ("time", "client", "operator", "old_token", "new_token", "grant",
                                            "reload_credentials", "steps", "invalidation", "verification",
-                                           "sinks", "hooks", "result", "exit_code") if key in result}
+                                           "sinks", "purged", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

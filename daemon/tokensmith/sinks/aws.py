@@ -88,3 +88,41 @@ class AwsSink:
             if error_code(exc) == "ResourceExistsException":
                 error.retryable = True  # another writer created it first; the next attempt puts a value
             raise error from exc
+
+    def purge(self, access_token: str) -> str:
+        """After a compromise: move every staging label but AWSCURRENT off the versions that hold the leaked
+        token (AWSPREVIOUS would otherwise hand it out). Secrets Manager cannot delete one version; an
+        unlabelled version is deprecated and removed by AWS in time. Answers what was done, for the audit."""
+        secrets = self.backends.aws("secretsmanager")
+        where = f"aws secret {self.config.secret_id}"
+        moved, kept = [], []
+        try:
+            listing = secrets.list_secret_version_ids(SecretId=self.config.secret_id, IncludeDeprecated=True)
+            for version in listing.get("Versions", []):
+                version_id = version["VersionId"]
+                value = secrets.get_secret_value(SecretId=self.config.secret_id, VersionId=version_id)
+                try:
+                    holds = json.loads(value.get("SecretString") or "{}").get("access_token") == access_token
+                except (ValueError, AttributeError):
+                    holds = False
+                if not holds:
+                    continue
+                for stage in version.get("VersionStages", []):
+                    if stage == "AWSCURRENT":
+                        kept.append(version_id)
+                        continue
+                    secrets.update_secret_version_stage(SecretId=self.config.secret_id, VersionStage=stage,
+                                                        RemoveFromVersionId=version_id)
+                    moved.append(f"{stage} off {version_id}")
+                if not version.get("VersionStages"):
+                    kept.append(version_id)
+        except Exception as exc:
+            raise map_client_error(exc, self.client_name, where, SinkError) from exc
+        if not moved and not kept:
+            return "no version holds the old token"
+        text = f"moved {', '.join(moved)}" if moved else "no label to move"
+        if kept:
+            text += ("; not removed: version(s) " + ", ".join(kept) + " (Secrets Manager cannot delete a single "
+                     "version; unlabelled versions are dropped by AWS)")
+        return text
+
