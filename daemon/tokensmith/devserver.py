@@ -33,11 +33,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
+from tokensmith.devserver_auth import AUTH_METHODS, ClientAuthChecks, _OAuthError
+
 MAX_BODY = 64 * 1024
 DIALECTS = ("basic", "post", "json", "query")
-# client authentication beside the dialects: checked strictly, as a real provider does
-AUTH_METHODS = ("client_secret_jwt", "private_key_jwt", "tls_client_auth", "jwt_bearer")
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 GRANTS = ("client_credentials", "password", "refresh_token")
 FORM = "application/x-www-form-urlencoded"
 STATS = ("token_requests", "issued", "refresh_exchanges", "refresh_reuse", "invalid_client", "revocations",
@@ -45,12 +44,6 @@ STATS = ("token_requests", "issued", "refresh_exchanges", "refresh_reuse", "inva
 SAILPOINT_FIELDS = {"scope": "read write", "accessType": "OFFLINE", "internal": False, "pod": "dev01",
                     "tenant_id": "58eb06a4-dcd7-4e96-8fac-cca2afc03e61", "org": "tokensmith", "strong_auth": True,
                     "strong_auth_supported": False, "authorities": ["ORG_ADMIN"], "enabled": True}
-
-
-class _OAuthError(Exception):
-    def __init__(self, error, description, status=400, headers=None):
-        super().__init__(description)
-        self.error, self.description, self.status, self.headers = error, description, status, headers or {}
 
 
 def _invalid_grant(description):
@@ -85,7 +78,7 @@ def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-class OAuthServer:
+class OAuthServer(ClientAuthChecks):
     """Serves /oauth2/token, /oauth2/revoke (RFC 7009), /oauth2/introspect (RFC 7662) and /resource."""
 
     def __init__(self, host="127.0.0.1", port=0, *, access_lifetime=3600, refresh_lifetime=7 * 24 * 3600,
@@ -325,61 +318,6 @@ class OAuthServer:
             self.stats["invalid_client"] += 1
             raise _OAuthError("invalid_client", "Client authentication failed.", 401 if challenge else 400,
                              {"WWW-Authenticate": 'Basic realm="tokensmith"'} if challenge else None)
-
-    def _reject(self, client_id, reason):
-        self.stats["invalid_client"] += 1
-        self.rejections.append((client_id, reason))
-        raise _OAuthError("invalid_client", f"Client authentication failed: {reason}.", 401)
-
-    def _check_method(self, client_id, client, params, headers):
-        """private_key_jwt, client_secret_jwt, jwt_bearer: a signed assertion (RFC 7523 §3); tls_client_auth:
-        the handshake's certificate. Every failure is invalid_client, with the reason in the description."""
-        if client.auth == "tls_client_auth":
-            cert = headers.peer_cert
-            if not cert:
-                self._reject(client_id, "no client certificate")
-            if not hmac.compare_digest(hashlib.sha256(cert).hexdigest(), (client.key or "").lower()):
-                self._reject(client_id, "certificate not registered for this client")
-            return
-        import jwt
-
-        if params.get("client_assertion_type") != ASSERTION_TYPE or not params.get("client_assertion"):
-            self._reject(client_id, f"{client.auth} needs a client_assertion")
-        if client.auth == "client_secret_jwt":
-            key, algorithms = client.secret.encode(), ["HS256", "HS384", "HS512"]
-        else:
-            key, algorithms = client.key, ["RS256", "RS384", "PS256", "ES256", "ES384", "EdDSA"]
-        audience = client.audience or [self.token_url, self.issuer]
-        try:
-            claims = jwt.decode(params["client_assertion"], key, algorithms=algorithms, audience=audience,
-                                options={"require": ["exp", "iat", "jti"] if client.auth != "jwt_bearer" else ["exp"],
-                                         "verify_iat": False}, leeway=0)
-        except jwt.ExpiredSignatureError:
-            self._reject(client_id, "assertion expired")
-        except jwt.InvalidAudienceError:
-            self._reject(client_id, "assertion audience is wrong")
-        except jwt.InvalidSignatureError:
-            self._reject(client_id, "assertion signature does not verify")
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            self._reject(client_id, f"assertion invalid ({type(exc).__name__})")
-        if client.auth != "jwt_bearer" and not (claims.get("iss") == claims.get("sub") == client_id):
-            self._reject(client_id, "assertion iss/sub is not the client")
-        if claims["exp"] - self.clock() > 3600 and client.auth != "jwt_bearer":
-            self._reject(client_id, "assertion lives too long")
-        jti = claims.get("jti")
-        if jti is not None and client.auth != "jwt_bearer":  # a projected token is sent until it is replaced
-            now = self.clock()
-            seen = self._seen_jti.get((client_id, jti))
-            if seen is not None and seen > now:
-                self._reject(client_id, "assertion jti replayed")
-            self._seen_jti[(client_id, jti)] = claims["exp"]
-
-    def _metadata(self, query, headers, body):
-        return {"issuer": self.issuer, "token_endpoint": self.token_url, "revocation_endpoint": self.revocation_url,
-                "introspection_endpoint": self.introspection_url,
-                "grant_types_supported": list(GRANTS),
-                "token_endpoint_auth_methods_supported": list(self.auth_methods),
-                "token_endpoint_auth_signing_alg_values_supported": ["RS256", "PS256", "ES256", "EdDSA", "HS256"]}
 
     def _authenticated_form(self, headers, body):
         """For revoke and introspect: Basic or form client credentials (or the client's method), and the token."""
