@@ -337,6 +337,9 @@ class Keeper:
             else:
                 self.state.alert = (f"invalid_client: the provider rejected the client's {method} authentication "
                                     f"({exc.message[:160]}); check the key, certificate or assertion in the source")
+        elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_client_material":
+            level = logging.CRITICAL
+            self.state.alert = f"invalid_client_material: {exc.message[:200]}"
         self.metrics.refresh_result(self.name, False, reason, seconds, None)
         remaining = self.state.expires_at - self.clock() if self.state.access_token else 0
         log.log(level, "refresh failed (attempt %d, retry in %.1fs, current token valid for %.0fs more): %s",

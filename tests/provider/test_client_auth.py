@@ -273,3 +273,15 @@ def test_keeper_signs_with_the_rotated_key_from_its_file_source_without_restart(
     outcome = keeper.refresh(reason="test")
     assert outcome.ok, outcome.error
     assert server.is_active(sink.current.access_token)
+
+
+def test_unusable_key_in_the_source_is_an_alert_in_status(server, tmp_path):
+    cfg = config(server.token_url, "garbled-alert", "private_key_jwt")
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    keeper = Keeper(cfg, StaticSource(client_id="pk", private_key="-----BEGIN PRIVATE KEY-----\nAAAA\n"),
+                    [MemorySink()], TokenClient(cfg), store, rng=random.Random(1))
+    keeper.load()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.error.error == "invalid_client_material" and not outcome.error.retryable
+    assert "private key cannot be used" in keeper.status()["alert"]
