@@ -199,6 +199,10 @@ class TokenClient:
         except TLSSetupError as exc:
             raise TokenEndpointError(f"{what}: TLS setup failed: {exc}", client=name, retryable=True) from exc
         except BodyError as exc:
+            if proxy is not None and (exc.status or 0) >= 500 and not url.startswith("https:"):
+                raise TokenEndpointError(f"{what}: proxy {proxy.label} answered HTTP {exc.status} (it could not "
+                                         "reach or relay the endpoint)", client=name, retryable=True, error="proxy",
+                                         status=exc.status) from exc
             raise TokenEndpointError(f"{what}: connection lost while reading the response", client=name,
                                      retryable=True, error="unreachable") from exc
         except (socket.timeout, TimeoutError) as exc:
@@ -215,6 +219,12 @@ class TokenClient:
                 raise TokenEndpointError(f"{what}: TLS verification failed", client=name, retryable=True) from exc
             raise TokenEndpointError(f"{what}: cannot reach the endpoint ({type(exc).__name__})", client=name,
                                      retryable=True, error="unreachable") from exc
+        if proxy is not None and response.status_code >= 500 and not url.startswith("https:") \
+                and not body.lstrip().startswith(b"{"):
+            # an absolute-form request: a gateway error that is no OAuth JSON comes from the proxy itself
+            raise TokenEndpointError(f"{what}: proxy {proxy.label} answered HTTP {response.status_code} (it could "
+                                     "not reach or relay the endpoint)", client=name, retryable=True, error="proxy",
+                                     status=response.status_code)
         if proxy is not None and response.status_code == 407:
             raise TokenEndpointError(f"{what}: proxy {proxy.label} refused the request with status 407 "
                                      "(proxy authentication)", client=name, retryable=False, error="proxy",

@@ -38,7 +38,11 @@ class TLSSetupError(OSError):
 
 
 class BodyError(Exception):
-    """The connection failed while the response body was being read."""
+    """The connection failed while the response body was being read (.status is the response's)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Headers:
@@ -421,7 +425,7 @@ class HttpPool:
             sock.close()
             if isinstance(exc, TimeoutError):
                 raise
-            raise BodyError(type(exc).__name__) from exc
+            raise BodyError(type(exc).__name__, status) from exc
         if reusable:
             self._checkin(key, sock)
         else:

@@ -240,3 +240,19 @@ def test_verify_url_check_goes_through_the_proxy(env, tinyproxy, oauth):
     assert tinyproxy.requests(f"GET {oauth.resource_url}") == 2
     assert verify_with_resource(oauth.resource_url, old, new, timeout=5, proxy="http://127.0.0.1:1").startswith(
         "error: cannot reach proxy 127.0.0.1:1")
+
+
+def test_http_endpoint_the_proxy_cannot_reach_is_told_apart_from_an_endpoint_error(env, tinyproxy, oauth):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = ClientConfig(name="gone", token_url=f"http://127.0.0.1:{port}/token", proxy=tinyproxy.url, timeout=5,
+                          source={"type": "env"}, sinks=[{"type": "file", "path": "/run/t/g"}])
+    with pytest.raises(TokenEndpointError) as info:
+        TokenClient(config, HttpPool()).obtain("client_credentials", Credentials(client_id="x", client_secret=SECRET))
+    assert f"proxy 127.0.0.1:{tinyproxy.port} answered HTTP" in str(info.value) and info.value.error == "proxy"
+    # the endpoint's own OAuth error through the same proxy stays the endpoint's
+    client, _ = client_for(oauth, "endpoint-error", proxy=tinyproxy.url)
+    with pytest.raises(TokenEndpointError) as info:
+        client.obtain("client_credentials", Credentials(client_id="endpoint-error-id", client_secret="wrong"))
+    assert info.value.error == "invalid_client"
