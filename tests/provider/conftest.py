@@ -106,13 +106,13 @@ IDP_DIR = Path(__file__).parent.parent / "idp"
 class Idp:
     """panva's oidc-provider (tests/idp/server.mjs) with the given clients, on a free loopback port."""
 
-    def __init__(self, directory: Path, clients: list[dict]):
+    def __init__(self, directory: Path, clients: list[dict], tls: dict | None = None):
         import json
 
         if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
             raise RuntimeError("tests/idp/node_modules is missing; scripts/test runs npm ci there")
         config = directory / "idp.json"
-        config.write_text(json.dumps({"clients": clients}))
+        config.write_text(json.dumps({"clients": clients, **({"tls": tls} if tls else {})}))
         self.stderr = directory / "idp.stderr"
         self.process = subprocess.Popen(["node", str(IDP_DIR / "server.mjs"), str(config)], stdout=subprocess.PIPE,
                                         stderr=self.stderr.open("wb"), text=True)
@@ -156,5 +156,20 @@ def idp(tmp_path_factory):
                 **common}]
     server = Idp(tmp_path_factory.mktemp("idp"), clients)
     server.keys = {"pkjwt": key}
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def idp_mtls(tmp_path_factory, test_ca):
+    """oidc-provider over https (test CA) with client mtls (tls_client_auth, subject CN=mtls-client)."""
+    directory = tmp_path_factory.mktemp("idp-mtls")
+    cert, key, _ = test_ca.issue("127.0.0.1", server=True)
+    (directory / "ca.pem").write_text(test_ca.pem)
+    clients = [{"client_id": "mtls", "token_endpoint_auth_method": "tls_client_auth",
+                "tls_client_auth_subject_dn": "CN=mtls-client", "grant_types": ["client_credentials"],
+                "redirect_uris": [], "response_types": []}]
+    server = Idp(directory, clients, tls={"cert": cert, "key": key, "ca": test_ca.pem})
+    server.ca_bundle = directory / "ca.pem"
     yield server
     server.stop()

@@ -61,3 +61,17 @@ def test_issuer_mismatch_is_refused(idp):
     with pytest.raises(TokenEndpointError, match="issuer differs") as info:
         client.obtain("client_credentials", Credentials(client_id="basic", client_secret=IDP_SECRET))
     assert not info.value.retryable
+
+
+def test_tls_client_auth_against_oidc_provider(idp_mtls, test_ca):
+    client = TokenClient(ClientConfig(name="mtls", issuer=idp_mtls.issuer, auth_style="tls_client_auth",
+                                      ca_bundle=idp_mtls.ca_bundle, source={"type": "env"},
+                                      sinks=[{"type": "file", "path": "/run/t/mtls"}], timeout=5))
+    cert, key, _ = test_ca.issue("mtls-client")
+    assert client.obtain("client_credentials", Credentials(client_id="mtls", certificate=cert,
+                                                           private_key=key)).access_token
+    other_cert, other_key, _ = test_ca.issue("someone-else")
+    with pytest.raises(TokenEndpointError) as info:
+        client.obtain("client_credentials", Credentials(client_id="mtls", certificate=other_cert,
+                                                        private_key=other_key))
+    assert info.value.error == "invalid_client" and "(tls_client_auth)" in str(info.value)
