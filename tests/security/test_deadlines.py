@@ -14,6 +14,7 @@ from tokensmith.config import ClientConfig
 from tokensmith.errors import TokenEndpointError
 from tokensmith.sources import Credentials
 from tokensmith.tokenclient import TokenClient
+from tokensmith.transport import MAX_INTERIM
 
 TIMEOUT = 1.0
 MARGIN = 0.6  # thread start-up and a loaded CI machine; the dripping peers would take minutes
@@ -121,3 +122,29 @@ def test_verify_url_uses_the_clients_ca_bundle_and_follows_no_redirect(tmp_path)
         assert seen == []  # nothing went over the unverified channel
         assert verify_with_resource(peer.url, "old", "new", timeout=TIMEOUT, ca_bundle=ca) \
             == "failed: new token got HTTP 302"
+
+
+@pytest.mark.parametrize("interims, ok", [(MAX_INTERIM, True), (MAX_INTERIM + 1, False)])
+def test_up_to_ten_interim_responses_are_skipped(interims, ok):
+    answer = b"HTTP/1.1 102 Processing\r\n\r\n" * interims + TOKEN
+    with SlowPeer(lambda send, stop: send(answer)) as peer:
+        client = client_for(peer.url)
+        if ok:
+            assert client.obtain("client_credentials", CREDS).access_token == "tok-from-a-slow-peer"
+        else:
+            error, _ = timed(lambda: client.obtain("client_credentials", CREDS))
+            assert error.error == "unreachable" and error.retryable
+
+
+@pytest.mark.parametrize("lines, ok", [(99, True), (100, False)])
+def test_trailer_lines_are_bounded_like_header_lines(lines, ok):
+    body = b'{"access_token":"tok-with-trailers","expires_in":3600}'
+    answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + f"{len(body):x}\r\n".encode() + body
+              + b"\r\n0\r\n" + b"X-Trailer: 1\r\n" * lines + b"\r\n")
+    with SlowPeer(lambda send, stop: send(answer)) as peer:
+        client = client_for(peer.url)
+        if ok:
+            assert client.obtain("client_credentials", CREDS).access_token == "tok-with-trailers"
+        else:
+            error, _ = timed(lambda: client.obtain("client_credentials", CREDS))
+            assert error.error == "unreachable" and error.retryable
