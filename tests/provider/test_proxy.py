@@ -256,3 +256,16 @@ def test_http_endpoint_the_proxy_cannot_reach_is_told_apart_from_an_endpoint_err
     with pytest.raises(TokenEndpointError) as info:
         client.obtain("client_credentials", Credentials(client_id="endpoint-error-id", client_secret="wrong"))
     assert info.value.error == "invalid_client"
+
+
+def test_mtls_client_certificate_goes_end_to_end_through_the_tunnel(env, tinyproxy, tls_oauth, test_ca):
+    cert, key, digest = test_ca.issue("mtls-through-proxy")
+    tls_oauth.add_client("mtls-proxy", "", auth="tls_client_auth", key=digest)
+    config = ClientConfig(name="mtls-proxy", token_url=tls_oauth.token_url, auth_style="tls_client_auth",
+                          ca_bundle=tls_oauth.ca_bundle, proxy=tinyproxy.url, timeout=5, source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/run/t/mp"}])
+    before = tinyproxy.requests(f"CONNECT {authority(tls_oauth)}")
+    token = TokenClient(config, HttpPool()).obtain("client_credentials", Credentials(
+        client_id="mtls-proxy", certificate=cert, private_key=key))
+    assert tls_oauth.is_active(token.access_token)
+    assert tinyproxy.requests(f"CONNECT {authority(tls_oauth)}") == before + 1
