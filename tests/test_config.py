@@ -54,7 +54,8 @@ def only_problem(tmp_path, data) -> str:
 
 
 def test_three_examples_are_shipped():
-    assert {p.name for p in EXAMPLES} == {"central-aws.yaml", "k8s-sidecar.yaml", "systemd-vault.yaml"}
+    assert {p.name for p in EXAMPLES} == {"central-aws.yaml", "k8s-sidecar.yaml", "systemd-vault.yaml",
+                                          "enterprise-auth.yaml"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -63,7 +64,7 @@ def test_example_config_loads(path):
     raw = yaml.safe_load(path.read_text())
     assert [c.name for c in settings.clients] == [c["name"] for c in raw["clients"]]
     for loaded, written in zip(settings.clients, raw["clients"]):
-        assert loaded.token_url == written["token_url"]
+        assert loaded.token_url == written.get("token_url") and loaded.issuer == written.get("issuer")
         assert loaded.source.type == written["source"]["type"]
 
 

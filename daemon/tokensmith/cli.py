@@ -83,7 +83,8 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--config-only", action="store_true",
                        help="validate the config file only, not the machine (e.g. in CI, away from the host)")
     check.add_argument("--online", action="store_true",
-                       help="also read every client's credentials and check Vault, AWS and token endpoints answer")
+                       help="also read every client's credentials, check Vault, AWS and token endpoints answer, "
+                            "discover each issuer and make one dry token request per client (no sink written)")
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
     demo = sub.add_parser("demo", help="run against a built-in local token endpoint, with a live view")
     demo.add_argument("--dir", default="./demo", help="where the demo's config, credentials and tokens go")
@@ -508,6 +509,18 @@ def cmd_check_config(args) -> int:
         findings["problems"] += host_problems(settings, online=args.online)
     findings["notes"] = [f"{var} names no config field and is ignored" for var in ignored_env(os.environ)]
     findings["warnings"] = shared_state_warnings(settings) if settings is not None else []
+    if settings is not None and args.online:
+        import io
+
+        from tokensmith.discovery import check_online
+
+        out = io.StringIO()
+        check_online(settings, out)
+        for line in out.getvalue().splitlines():
+            if line.startswith("error: "):
+                findings["problems"].append({"where": None, "message": line[len("error: "):]})
+            else:
+                findings["notes"].append(line)
     findings["ok"] = not findings["problems"]
     if args.json:
         print(json.dumps(findings, indent=2, sort_keys=True))

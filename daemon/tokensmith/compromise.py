@@ -50,14 +50,28 @@ def operator_identity(uid: int | None = None) -> dict:
     return {"uid": uid, "user": user}
 
 
-def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: float, ca_bundle=None) -> str:
+def _endpoint(keeper, field: str) -> str | None:
+    """The client's revocation or introspection URL, configured or discovered; None when unknown."""
+    lookup = getattr(keeper.token_client, "endpoint", None)
+    if lookup is None:
+        return getattr(keeper.client, field)
+    try:
+        return lookup(field)
+    except TokensmithError:
+        return None
+
+
+def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: float, ca_bundle=None,
+                         proxy: str | None = None) -> str:
     """--verify-url: the protected resource must refuse the old token (401) and take the new one.
     Each request has the token client's transport and deadline: no proxy from the environment sees
-    either token, no redirect is followed, TLS is verified against the client's CA bundle."""
+    either token (an https resource is reached through a CONNECT tunnel), no redirect is followed, TLS is
+    verified against the client's CA bundle."""
     import http.client
     import ssl
     from urllib.parse import urlsplit
 
+    from tokensmith.proxy import ProxyError, proxy_for
     from tokensmith.transport import BodyError, HttpPool, TLSSetupError
 
     if urlsplit(url).scheme not in ("http", "https"):
@@ -66,11 +80,16 @@ def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: f
     ca = str(ca_bundle) if ca_bundle else None
     statuses = []
     try:
+        via = proxy_for(url, proxy)
         for token in (old_token, new_token):
             reply, _ = pool.get(url, {"Authorization": f"Bearer {token}", "Accept-Encoding": "identity",
-                                      "User-Agent": "tokensmith"}, timeout=timeout, ca_bundle=ca, max_body=64 * 1024)
+                                      "User-Agent": "tokensmith"}, timeout=timeout, ca_bundle=ca, max_body=64 * 1024,
+                                proxy=via)
             statuses.append(reply.status_code)
     except TimeoutError:
+        return f"error: timed out after {timeout:g}s"
+    except ProxyError as exc:
+        return f"error: {exc}"
         return f"error: timed out after {timeout:g}s"
     except (ssl.SSLError, TLSSetupError):
         return "error: TLS verification failed"
@@ -150,7 +169,7 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
                           "result": "ok, but the old access token was not issued with that refresh token"})
 
     creds = keeper.creds
-    if keeper.client.revocation_url and old_access and creds is not None:
+    if _endpoint(keeper, "revocation_url") and old_access and creds is not None:
         targets = [("access_token", old_access)]
         if old_refresh and not spent_refresh:
             targets.append(("refresh_token", old_refresh))
@@ -165,7 +184,7 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
                 invalidated.append("revocation")
     result["invalidation"] = "+".join(invalidated) if invalidated else "none"
 
-    if old_access and keeper.client.introspection_url and creds is not None:
+    if old_access and _endpoint(keeper, "introspection_url") and creds is not None:
         try:
             active = keeper.token_client.introspect(old_access, creds)
             result["verification"] = "failed: old token still active" if active else "verified"
@@ -173,10 +192,13 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
             result["verification"] = f"error: {exc.message}"
     if old_access and verify_url:
         by_resource = verify_with_resource(verify_url, old_access, new.access_token, timeout=keeper.client.timeout,
-                                           ca_bundle=keeper.client.ca_bundle)
+                                           ca_bundle=keeper.client.ca_bundle, proxy=keeper.client.proxy)
         result["verify_url"] = by_resource
         if result["verification"] in ("unverified", "verified") or by_resource != "verified":
             result["verification"] = by_resource
+
+    if old_access:
+        result["purged"] = purge_history(keeper, old_access)
 
     if not old_access:
         result.update(result="no_old_token", message="there was no token to invalidate; a new one was written")
@@ -200,12 +222,28 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     return result
 
 
+def purge_history(keeper, old_access: str) -> dict:
+    """Per sink, what was done to remove the leaked token from the store's version history (where the store
+    keeps one and allows it). A failure is reported, not raised: the rotation itself has succeeded."""
+    purged = {}
+    for sink in keeper.sinks:
+        purge = getattr(sink, "purge", None)
+        if purge is None:
+            purged[sink.name] = "nothing to remove: no version history"
+            continue
+        try:
+            purged[sink.name] = purge(old_access)
+        except TokensmithError as exc:
+            purged[sink.name] = f"not removed: {exc.message}"
+    return purged
+
+
 def append_audit(path, result: dict, store=None) -> None:
     """The audit record (fingerprints only) goes to the log stream (journald / container stdout), to a
     shared state backend when there is one (it outlives the pod), and to the audit log file."""
     record = {key: result[key] for key in ("time", "client", "operator", "old_token", "new_token", "grant",
                                            "reload_credentials", "steps", "invalidation", "verification",
-                                           "sinks", "hooks", "result", "exit_code") if key in result}
+                                           "sinks", "purged", "hooks", "result", "exit_code") if key in result}
     record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(result["time"]))
     log.info("%s", json.dumps(record, sort_keys=True, separators=(",", ":")),
              extra={"client": record.get("client"), "event": "audit"})

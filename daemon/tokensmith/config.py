@@ -54,6 +54,14 @@ class KeyMap(Model):
     username: str = "username"
     password: str = "password"
     refresh_token: str = "refresh_token"
+    private_key: str = "private_key"
+    certificate: str = "certificate"
+    proxy_username: str = "proxy_username"
+    proxy_password: str = "proxy_password"
+
+
+AUTH_STYLES = ("basic", "post", "json", "query", "client_secret_jwt", "private_key_jwt", "tls_client_auth",
+               "jwt_bearer_file")
 
 
 class VaultSourceConfig(Model):
@@ -246,9 +254,17 @@ def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
 
 class ClientConfig(Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-    token_url: str
+    issuer: str | None = None
+    token_url: str | None = Field(None, validate_default=True)
     grant: Literal["client_credentials", "password", "refresh_token"] = "client_credentials"
-    auth_style: Literal["basic", "post", "json", "query"] = "post"
+    auth_style: Literal["basic", "post", "json", "query", "client_secret_jwt", "private_key_jwt",
+                        "tls_client_auth", "jwt_bearer_file"] = "post"
+    assertion_audience: str | None = None
+    signing_alg: Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+                         "HS256", "HS384", "HS512"] | None = None
+    key_id: str | None = None
+    assertion_file: Path | None = None
+    proxy: str | None = None
     scope: str | None = None
     audience: str | None = None
     extra_params: dict[str, str] = {}
@@ -265,9 +281,18 @@ class ClientConfig(Model):
 
     _shared = field_validator("source", "refresh", mode="after")(shared)
 
+    @field_validator("token_url", mode="before")
+    @classmethod
+    def _token_url_or_issuer(cls, value: Any, info) -> Any:
+        if value is None and not info.data.get("issuer"):
+            from pydantic_core import PydanticCustomError
+
+            raise PydanticCustomError("missing", "Field required (or set issuer to discover it)")
+        return value
+
     @model_validator(mode="after")
     def _cross_field(self) -> "ClientConfig":
-        for field in ("token_url", "revocation_url", "introspection_url", "verify_url"):
+        for field in ("token_url", "revocation_url", "introspection_url", "verify_url", "issuer"):
             url = getattr(self, field)
             if url is not None:
                 try:
@@ -279,7 +304,24 @@ class ClientConfig(Model):
         for field, text in texts.items():
             if text is not None and not _utf8(text):
                 raise ValueError(f"{field} must be UTF-8 text (it holds a lone surrogate or undecodable byte)")
-        reserved = {"grant_type", "client_id", "client_secret", "username", "password", "refresh_token"}
+        if self.proxy is not None and self.proxy.strip().lower() not in ("none", "direct"):
+            from tokensmith.proxy import parse_proxy_url
+
+            try:
+                parse_proxy_url(self.proxy)
+            except ValueError as exc:
+                raise ValueError(f"proxy {exc}") from None
+            if "@" in self.proxy:
+                raise ValueError("proxy must not carry credentials in the URL; put proxy_username and "
+                                 "proxy_password in the source")
+        if self.auth_style == "jwt_bearer_file" and self.assertion_file is None:
+            raise ValueError("auth_style jwt_bearer_file needs assertion_file")
+        if self.auth_style == "client_secret_jwt" and self.signing_alg and not self.signing_alg.startswith("HS"):
+            raise ValueError("auth_style client_secret_jwt signs with HS256, HS384 or HS512")
+        if self.auth_style == "private_key_jwt" and self.signing_alg and self.signing_alg.startswith("HS"):
+            raise ValueError("auth_style private_key_jwt signs with an asymmetric algorithm, not HS*")
+        reserved = {"grant_type", "client_id", "client_secret", "username", "password", "refresh_token",
+                    "client_assertion", "client_assertion_type"}
         clash = reserved & set(self.extra_params)
         if clash:
             raise ValueError(f"extra_params must not set {', '.join(sorted(clash))}; those come from the source")

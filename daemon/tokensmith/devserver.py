@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
+from tokensmith.devserver_auth import AUTH_METHODS, ClientAuthChecks, _OAuthError
+
 MAX_BODY = 64 * 1024
 DIALECTS = ("basic", "post", "json", "query")
 GRANTS = ("client_credentials", "password", "refresh_token")
@@ -42,12 +44,6 @@ STATS = ("token_requests", "issued", "refresh_exchanges", "refresh_reuse", "inva
 SAILPOINT_FIELDS = {"scope": "read write", "accessType": "OFFLINE", "internal": False, "pod": "dev01",
                     "tenant_id": "58eb06a4-dcd7-4e96-8fac-cca2afc03e61", "org": "tokensmith", "strong_auth": True,
                     "strong_auth_supported": False, "authorities": ["ORG_ADMIN"], "enabled": True}
-
-
-class _OAuthError(Exception):
-    def __init__(self, error, description, status=400, headers=None):
-        super().__init__(description)
-        self.error, self.description, self.status, self.headers = error, description, status, headers or {}
 
 
 def _invalid_grant(description):
@@ -82,11 +78,12 @@ def _b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
-class OAuthServer:
+class OAuthServer(ClientAuthChecks):
     """Serves /oauth2/token, /oauth2/revoke (RFC 7009), /oauth2/introspect (RFC 7662) and /resource."""
 
     def __init__(self, host="127.0.0.1", port=0, *, access_lifetime=3600, refresh_lifetime=7 * 24 * 3600,
-                 jwt=False, expires_in_as_string=False, issue_refresh_tokens=True, clock=time.time):
+                 jwt=False, expires_in_as_string=False, issue_refresh_tokens=True, clock=time.time,
+                 tls_context=None):
         self.access_lifetime = access_lifetime
         self.refresh_lifetime = refresh_lifetime
         self.jwt = jwt
@@ -102,12 +99,17 @@ class OAuthServer:
         self._issued = {}
         self._issued_refresh = {}
         self._faults = deque()
+        self._seen_jti = {}
+        self.rejections = []  # (client_id, reason) of every failed client authentication, for tests
+        self.auth_methods = ["client_secret_basic", "client_secret_post", *AUTH_METHODS[:3]]
         self._routes = {"/oauth2/token": ("POST", self._token), "/oauth2/revoke": ("POST", self._revoke),
-                        "/oauth2/introspect": ("POST", self._introspect), "/resource": ("GET", self._resource)}
-        self._httpd = _HTTPServer((host, port), self)  # bound now so that url is known before start()
+                        "/oauth2/introspect": ("POST", self._introspect), "/resource": ("GET", self._resource),
+                        "/.well-known/oauth-authorization-server": ("GET", self._metadata)}
+        self._httpd = _HTTPServer((host, port), self, tls_context)  # bound now so that url is known before start()
         self._thread = None
         bound_host, bound_port = self._httpd.server_address[:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self.url = f"{'https' if tls_context else 'http'}://{bound_host}:{bound_port}"
+        self.issuer = self.url
         self.token_url = self.url + "/oauth2/token"
         self.revocation_url = self.url + "/oauth2/revoke"
         self.introspection_url = self.url + "/oauth2/introspect"
@@ -143,13 +145,24 @@ class OAuthServer:
     def __exit__(self, *exc):
         self.stop()
 
-    def add_client(self, client_id, client_secret, *, dialect="post", users=None, access_lifetime=None):
+    def add_client(self, client_id, client_secret, *, dialect="post", users=None, access_lifetime=None, auth=None,
+                   key=None, audience=None):
+        """auth: None (the dialect's secret) or one of AUTH_METHODS. key: for private_key_jwt the public key
+        (PEM), for tls_client_auth the certificate's SHA-256 fingerprint (hex), for jwt_bearer the issuer's
+        public key (PEM). audience: what an assertion's aud must hold (default the token URL or issuer)."""
         if dialect not in DIALECTS:
             raise ValueError(f"unknown dialect {dialect!r}; expected one of {', '.join(DIALECTS)}")
+        if auth is not None and auth not in AUTH_METHODS:
+            raise ValueError(f"unknown auth {auth!r}; expected one of {', '.join(AUTH_METHODS)}")
         with self._lock:
             self._clients[client_id] = SimpleNamespace(secret=client_secret, dialect=dialect,
-                                                       users=dict(users or {}), access_lifetime=access_lifetime)
+                                                       users=dict(users or {}), access_lifetime=access_lifetime,
+                                                       auth=auth, key=key, audience=audience)
             self._issued.setdefault(client_id, [])
+
+    def set_client_key(self, client_id, key):
+        with self._lock:
+            self._clients[client_id].key = key
 
     def set_client_secret(self, client_id, new_secret):
         with self._lock:
@@ -180,7 +193,7 @@ class OAuthServer:
 
     # Each route takes (query, headers, body) and returns a JSON payload, or raises _OAuthError.
 
-    def _handle(self, method, target, headers, body):
+    def _handle(self, method, target, headers, body, peer_cert=None):
         url = urlsplit(target)
         route = self._routes.get(url.path)
         delay = 0.0
@@ -198,6 +211,7 @@ class OAuthServer:
                         return fault.status, fault.body, fault.headers, fault.delay, fault.drop
                     delay = fault.delay
             query = dict(parse_qsl(url.query, keep_blank_values=True))
+            headers = _WithPeer(headers, peer_cert)
             status, payload, extra = 200, route[1](query, headers, body), {}
         except _OAuthError as e:
             status, payload, extra = e.status, {"error": e.error, "error_description": e.description}, e.headers
@@ -232,8 +246,11 @@ class OAuthServer:
                 raise _OAuthError("unsupported_grant_type",
                                  f"The authorization grant type '{grant or ' '}' is not supported by the "
                                  "authorization server")
-            secret = (basic[1] if basic else None) if dialect == "basic" else params.get("client_secret")
-            self._check_client(client, secret, challenge=dialect == "basic")
+            if client is not None and client.auth:
+                self._check_method(client_id, client, params, headers)
+            else:
+                secret = (basic[1] if basic else None) if dialect == "basic" else params.get("client_secret")
+                self._check_client(client, secret, challenge=dialect == "basic")
             user = None
             if grant == "password":
                 user = params.get("username")
@@ -303,11 +320,15 @@ class OAuthServer:
                              {"WWW-Authenticate": 'Basic realm="tokensmith"'} if challenge else None)
 
     def _authenticated_form(self, headers, body):
-        """For revoke and introspect: Basic or form client credentials, and the form's token."""
+        """For revoke and introspect: Basic or form client credentials (or the client's method), and the token."""
         form = _form(body) if _content_type(headers) == FORM else {}
         basic = _basic_credentials(headers)
         client_id, secret = basic or (form.get("client_id"), form.get("client_secret"))
-        self._check_client(self._clients.get(client_id), secret, challenge=basic is not None)
+        client = self._clients.get(client_id)
+        if client is not None and client.auth:
+            self._check_method(client_id, client, form, headers)
+        else:
+            self._check_client(client, secret, challenge=basic is not None)
         if not form.get("token"):
             raise _OAuthError("invalid_request", "The token parameter is required.")
         return client_id, form["token"]
@@ -353,11 +374,34 @@ class OAuthServer:
             return record if record and self.clock() < record.exp else None
 
 
+class _WithPeer:
+    """The request's headers, and the TLS client certificate (DER) it came with."""
+
+    def __init__(self, headers, peer_cert):
+        self._headers = headers
+        self.peer_cert = peer_cert
+
+    def get(self, name, default=None):
+        return self._headers.get(name, default)
+
+
 class _HTTPServer(ThreadingHTTPServer):
-    def __init__(self, address, app):
+    def __init__(self, address, app, tls_context=None):
         self.app = app
         self.connections = set()
+        self.tls_context = tls_context
         super().__init__(address, _Handler)
+
+    def finish_request(self, request, client_address):
+        # the handshake in the connection's own thread, so a slow or failing client holds up no other
+        if self.tls_context is not None:
+            try:
+                request.settimeout(5)
+                request = self.tls_context.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except OSError:
+                return
+        super().finish_request(request, client_address)
 
     def handle_error(self, request, client_address):
         if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is not worth a traceback
@@ -393,7 +437,8 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"error": "invalid_request", "error_description": "Request body too large or unsized."}
             return self._reply(413, json.dumps(error).encode(), {"Content-Type": "application/json"})
         body = self.rfile.read(int(length))
-        status, payload, headers, delay, drop = self.server.app._handle(method, self.path, self.headers, body)
+        peer = self.connection.getpeercert(binary_form=True) if hasattr(self.connection, "getpeercert") else None
+        status, payload, headers, delay, drop = self.server.app._handle(method, self.path, self.headers, body, peer)
         if delay:
             time.sleep(delay)
         if drop:

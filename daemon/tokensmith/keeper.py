@@ -378,7 +378,15 @@ class Keeper:
         level = logging.ERROR
         if isinstance(exc, TokenEndpointError) and exc.error == "invalid_client":
             level = logging.CRITICAL
-            self.state.alert = "invalid_client: the provider rejected the client secret; rotate it in the source"
+            method = getattr(self.client, "auth_style", "post")
+            if method in ("basic", "post", "json", "query"):
+                self.state.alert = "invalid_client: the provider rejected the client secret; rotate it in the source"
+            else:
+                self.state.alert = (f"invalid_client: the provider rejected the client's {method} authentication "
+                                    f"({exc.message[:160]}); check the key, certificate or assertion in the source")
+        elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_client_material":
+            level = logging.CRITICAL
+            self.state.alert = f"invalid_client_material: {exc.message[:200]}"
         self.metrics.refresh_result(self.name, False, exc, seconds, None)  # the error: its HTTP status too
         remaining = self.state.expires_at - self.clock() if self.state.access_token else 0
         log.log(level, "refresh failed (attempt %d, retry in %.1fs, current token valid for %.0fs more): %s",

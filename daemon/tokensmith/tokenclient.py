@@ -18,7 +18,9 @@ import time
 from email.utils import parsedate_to_datetime
 from urllib.parse import quote_plus, urlencode, urlsplit
 
+from tokensmith.clientauth import SECRET_METHODS, ClientAuth
 from tokensmith.errors import SourceError, TokenEndpointError
+from tokensmith.proxy import ProxyError, proxy_for
 from tokensmith.redact import Redactor
 from tokensmith.sources import Credentials
 from tokensmith.tokens import Token
@@ -32,6 +34,8 @@ TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 §2.1: nothing a shell or a header would act on
 TOKEN_TYPES = {"bearer": "Bearer", "dpop": "DPoP", "n_a": "N_A", "mac": "MAC"}
 ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+CLIENT_CERT_REFUSED = {"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV1_ALERT_UNKNOWN_CA",
+                       "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_ACCESS_DENIED"}
 
 
 def basic_auth_header(client_id: str, client_secret: str) -> str:
@@ -147,23 +151,41 @@ def _describe(text: str, redactor: Redactor) -> str:
 
 
 class TokenClient:
-    def __init__(self, client, session: HttpPool | None = None, clock=time.time):
+    def __init__(self, client, session: HttpPool | None = None, clock=time.time, discovery=None):
         self.client = client
         self.session = session or make_session()
         self.clock = clock
+        self.auth = ClientAuth(client, clock)
+        self.discovery = discovery
+        if discovery is None and client.issuer:
+            from tokensmith.discovery import Discovery
 
-    def _auth(self, creds: Credentials, params: dict, headers: dict) -> None:
-        if self.client.auth_style == "basic":
-            headers["Authorization"] = basic_auth_header(creds.client_id, creds.client_secret or "")
-        else:
-            params["client_id"] = creds.client_id
-            if creds.client_secret is not None:
-                params["client_secret"] = creds.client_secret
+            self.discovery = Discovery(client, self.session, clock)
+
+    @property
+    def method(self) -> str:
+        """The client authentication method: configured, else picked from what the provider supports."""
+        if self.discovery is not None and "auth_style" not in self.client.model_fields_set:
+            self.auth.method = self.discovery.auth_method()
+        return self.auth.method
+
+    def endpoint(self, field: str) -> str | None:
+        """token_url, revocation_url or introspection_url: configured, else from the issuer's metadata."""
+        configured = getattr(self.client, field)
+        if configured or self.discovery is None:
+            return configured
+        return self.discovery.endpoint(field)
+
+    def _auth(self, creds: Credentials, params: dict, headers: dict, dialect: str):
+        token_url = self.endpoint("token_url")
+        return self.auth.apply(creds, params, headers, token_url=token_url, dialect=dialect)
 
     def _post(self, url: str, params: dict, creds: Credentials, *, dialect: str, what: str) -> tuple[Reply, bytes]:
         headers = {"Accept": "application/json", "Accept-Encoding": "identity", "User-Agent": "tokensmith"}
         endpoint = urlsplit(url)._replace(query="", fragment="").geturl()  # the configured URL, never a parameter
-        self._auth(creds, params, headers)
+        ssl_context = self._auth(creds, params, headers, dialect)
+        if self.method not in SECRET_METHODS:
+            what = f"{what} ({self.method})"
         body = None
         if dialect == "json":
             body = json.dumps(params, allow_nan=False).encode()
@@ -175,12 +197,24 @@ class TokenClient:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         name = self.client.name
         try:
+            proxy = proxy_for(url, self.client.proxy, username=creds.proxy_username, password=creds.proxy_password)
+        except ValueError as exc:
+            raise TokenEndpointError(f"{what}: proxy from the environment: {exc}", client=name,
+                                     retryable=False, error="proxy") from None
+        try:
             response, body = self.session.post(url, body, headers, timeout=self.client.timeout,
                                                ca_bundle=str(self.client.ca_bundle) if self.client.ca_bundle else None,
-                                               max_body=MAX_BODY)
+                                               max_body=MAX_BODY, proxy=proxy, ssl_context=ssl_context)
+        except ProxyError as exc:
+            raise TokenEndpointError(f"{what}: {exc}", client=name, retryable=exc.status not in (401, 407),
+                                     error="proxy", status=exc.status) from exc
         except TLSSetupError as exc:
             raise TokenEndpointError(f"{what}: TLS setup failed: {exc}", client=name, retryable=True) from exc
         except BodyError as exc:
+            if proxy is not None and (exc.status or 0) >= 500 and not url.startswith("https:"):
+                raise TokenEndpointError(f"{what}: proxy {proxy.label} answered HTTP {exc.status} (it could not "
+                                         "reach or relay the endpoint)", client=name, retryable=True, error="proxy",
+                                         status=exc.status) from exc
             raise TokenEndpointError(f"{what}: connection lost while reading the response", client=name,
                                      retryable=True, error="unreachable") from exc
         except (socket.timeout, TimeoutError) as exc:
@@ -191,10 +225,24 @@ class TokenClient:
             import ssl
 
             if isinstance(exc, ssl.SSLError):
+                if ssl_context is not None and getattr(exc, "reason", None) in CLIENT_CERT_REFUSED:
+                    raise TokenEndpointError(f"{what}: the endpoint refused the client certificate "
+                                             f"({exc.reason})", client=name, retryable=False,
+                                             error="invalid_client") from exc
                 raise TokenEndpointError(f"{what}: TLS verification failed", client=name, retryable=True) from exc
             reason = f"{type(exc).__name__}: {exc.strerror}" if getattr(exc, "strerror", None) else type(exc).__name__
             raise TokenEndpointError(f"{what}: cannot reach {endpoint} ({reason})", client=name,
                                      retryable=True, error="unreachable") from exc
+        if proxy is not None and response.status_code >= 500 and not url.startswith("https:") \
+                and not body.lstrip().startswith(b"{"):
+            # an absolute-form request: a gateway error that is no OAuth JSON comes from the proxy itself
+            raise TokenEndpointError(f"{what}: proxy {proxy.label} answered HTTP {response.status_code} (it could "
+                                     "not reach or relay the endpoint)", client=name, retryable=True, error="proxy",
+                                     status=response.status_code)
+        if proxy is not None and response.status_code == 407:
+            raise TokenEndpointError(f"{what}: proxy {proxy.label} refused the request with status 407 "
+                                     "(proxy authentication)", client=name, retryable=False, error="proxy",
+                                     status=407)
         if len(body) > MAX_BODY:
             raise TokenEndpointError(f"{what}: response larger than {MAX_BODY // 1024} KiB refused", client=name,
                                      retryable=True, status=response.status_code, error="oversized_response")
@@ -264,31 +312,39 @@ class TokenClient:
         sent_at = self.clock()
         what = f"{grant} grant"
         self._check_text(creds, params, what)
-        response, body = self._post(self.client.token_url, params, creds, dialect=self.client.auth_style, what=what)
+        token_url = self.endpoint("token_url")
+        dialect = self.method if self.method in SECRET_METHODS else "post"
+        response, body = self._post(token_url, params, creds, dialect=dialect, what=what)
         if response.status_code != 200:
-            raise self._error(response, body, creds, what, sent=(params.get("refresh_token"),))
+            error = self._error(response, body, creds, f"{what} ({self.method})" if dialect != self.method else what,
+                                sent=(params.get("refresh_token"), params.get("client_assertion")))
+            if error.error == "invalid_client" and self.discovery is not None:
+                self.discovery.stale()
+            raise error
         return parse_token_response(body, client=self.client.name, sent_at=sent_at,
                                     default_lifetime=self.client.refresh.default_lifetime)
 
     def revoke(self, token: str, hint: str, creds: Credentials) -> None:
         """RFC 7009. Revocation is always form-encoded; the client authenticates in its own style."""
-        if not self.client.revocation_url:
+        url = self.endpoint("revocation_url")
+        if not url:
             raise TokenEndpointError("no revocation_url configured", client=self.client.name, retryable=False)
-        dialect = "basic" if self.client.auth_style == "basic" else "post"
+        dialect = "basic" if self.method == "basic" else "post"
         what = f"revoke {hint}"
         params = {"token": token, "token_type_hint": hint}
         self._check_text(creds, params, what)
-        response, body = self._post(self.client.revocation_url, params, creds, dialect=dialect, what=what)
+        response, body = self._post(url, params, creds, dialect=dialect, what=what)
         if response.status_code != 200:
             raise self._error(response, body, creds, what, sent=(token,))
 
     def introspect(self, token: str, creds: Credentials) -> bool:
         """RFC 7662: True when the server says the token is still active."""
-        if not self.client.introspection_url:
+        url = self.endpoint("introspection_url")
+        if not url:
             raise TokenEndpointError("no introspection_url configured", client=self.client.name, retryable=False)
-        dialect = "basic" if self.client.auth_style == "basic" else "post"
+        dialect = "basic" if self.method == "basic" else "post"
         self._check_text(creds, {"token": token}, "introspection")
-        response, body = self._post(self.client.introspection_url, {"token": token}, creds, dialect=dialect,
+        response, body = self._post(url, {"token": token}, creds, dialect=dialect,
                                     what="introspection")
         if response.status_code != 200:
             raise self._error(response, body, creds, "introspection", sent=(token,))

@@ -17,6 +17,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from tokensmith.proxy import Proxy, ProxyError
+
 INVALID_TARGET = re.compile(r"[^\x21-\x7e]")
 MAX_INTERIM = 10  # interim 1xx responses skipped before a final one; more is a hostile or broken peer
 
@@ -36,7 +38,11 @@ class TLSSetupError(OSError):
 
 
 class BodyError(Exception):
-    """The connection failed while the response body was being read."""
+    """The connection failed while the response body was being read (.status is the response's)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class Headers:
@@ -242,7 +248,7 @@ def post_bytes(host: str, port: int, default_port: int, target: str, headers: di
 class HttpPool:
     """Keep-alive HTTP/1.1 connections to the endpoints: the request goes out in one send and Wire reads
     the response (requests cost ~1 ms of CPU per call and ~0.1 s of start-up imports). Like the requests
-    session it replaced: no proxies from the environment, no redirects followed, no retries (the keeper is
+    session it replaced: no redirects followed, no retries (the keeper is
     the one layer that retries), TLS always verified against the system store or the client's ca_bundle.
     An idle connection the server has closed is noticed before reuse and replaced."""
 
@@ -293,8 +299,59 @@ class HttpPool:
                 return
         sock.close()
 
-    def _connect(self, host: str, port: int, context, deadline: float) -> socket.socket:
-        """socket.create_connection, but every address tried and the TLS handshake share the deadline."""
+    def _connect(self, host: str, port: int, context, deadline: float, proxy: Proxy | None = None) -> socket.socket:
+        """socket.create_connection, but every address tried and the TLS handshake share the deadline. Through
+        a proxy: a TCP connection to the proxy, then for TLS a CONNECT tunnel and the handshake with the
+        endpoint inside it (SNI and the certificate check name the endpoint, not the proxy)."""
+        if proxy is not None:
+            try:
+                sock = self._tcp(proxy.host, proxy.port, deadline)
+            except TimeoutError:
+                raise
+            except OSError as exc:
+                raise ProxyError(f"cannot reach proxy {proxy.label} ({getattr(exc, 'strerror', None) or type(exc).__name__})") \
+                    from exc
+            if context is None:
+                return sock
+            try:
+                self._tunnel(sock, host, port, proxy, deadline)
+                sock.settimeout(remaining(deadline))
+                return context.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        sock = self._tcp(host, port, deadline)
+        if context is not None:
+            try:
+                sock.settimeout(remaining(deadline))
+                sock = context.wrap_socket(sock, server_hostname=host)
+            except BaseException:
+                sock.close()
+                raise
+        return sock
+
+    @staticmethod
+    def _tunnel(sock: socket.socket, host: str, port: int, proxy: Proxy, deadline: float) -> None:
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+        if proxy.authorization:
+            lines.append(f"Proxy-Authorization: {proxy.authorization}")
+        sock.settimeout(remaining(deadline))
+        try:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+            wire = Wire(sock, deadline)
+            status, _, _ = wire.head()
+        except TimeoutError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise ProxyError(f"proxy {proxy.label} failed during CONNECT ({type(exc).__name__})") from exc
+        if status != 200:
+            raise ProxyError(f"proxy {proxy.label} refused CONNECT with status {status}", status=status)
+        if wire.pos != len(wire.buf):
+            raise ProxyError(f"proxy {proxy.label} sent data after its CONNECT answer")
+
+    @staticmethod
+    def _tcp(host: str, port: int, deadline: float) -> socket.socket:
         error: OSError | None = None
         for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
             sock = socket.socket(family, kind, proto)
@@ -309,9 +366,6 @@ class HttpPool:
                 continue
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if context is not None:
-                    sock.settimeout(remaining(deadline))
-                    sock = context.wrap_socket(sock, server_hostname=host)
             except BaseException:
                 sock.close()
                 raise
@@ -319,34 +373,44 @@ class HttpPool:
         raise error or OSError(f"getaddrinfo returned no address for {host}")
 
     def post(self, url: str, body: bytes | None, headers: dict, *, timeout: float, ca_bundle: str | None,
-             max_body: int) -> tuple[Reply, bytes]:
+             max_body: int, proxy: Proxy | None = None, ssl_context=None) -> tuple[Reply, bytes]:
         """One POST; headers must not hold Host or Content-Length. See exchange."""
         return self.exchange("POST", url, body or b"", headers, timeout=timeout, ca_bundle=ca_bundle,
-                             max_body=max_body)
+                             max_body=max_body, proxy=proxy, ssl_context=ssl_context)
 
     def get(self, url: str, headers: dict, *, timeout: float, ca_bundle: str | None,
-            max_body: int) -> tuple[Reply, bytes]:
-        return self.exchange("GET", url, None, headers, timeout=timeout, ca_bundle=ca_bundle, max_body=max_body)
+            max_body: int, proxy: Proxy | None = None, ssl_context=None) -> tuple[Reply, bytes]:
+        return self.exchange("GET", url, None, headers, timeout=timeout, ca_bundle=ca_bundle, max_body=max_body,
+                             proxy=proxy, ssl_context=ssl_context)
 
     def exchange(self, method: str, url: str, body: bytes | None, headers: dict, *, timeout: float,
-                 ca_bundle: str | None, max_body: int) -> tuple[Reply, bytes]:
-        """One request and its response, all of it within timeout seconds. A target or header that cannot be
-        sent as it is raises InvalidURL or ValueError; past the deadline, TimeoutError; before a status line
-        arrives TLSSetupError, ssl.SSLError, OSError or http.client.HTTPException; while the body is read,
-        BodyError."""
+                 ca_bundle: str | None, max_body: int, proxy: Proxy | None = None,
+                 ssl_context=None) -> tuple[Reply, bytes]:
+        """One request and its response, all of it within timeout seconds (through a proxy: the connection to
+        it, CONNECT, TLS and the exchange). A target or header that cannot be sent as it is raises InvalidURL
+        or ValueError; past the deadline, TimeoutError; a failing proxy ProxyError (an OSError); before a
+        status line arrives TLSSetupError, ssl.SSLError, OSError or http.client.HTTPException; while the body
+        is read, BodyError. ssl_context (one with a client certificate) replaces the one made from ca_bundle,
+        and must be the same object for the same material, as pooled connections are keyed by it."""
         deadline = time.monotonic() + timeout
         parts = urlsplit(url)
         https = parts.scheme == "https"
         host = parts.hostname or ""
         default_port = 443 if https else 80
         port = parts.port or default_port
-        key = (https, host, port, ca_bundle)
+        key = (https, host, port, ca_bundle, proxy, id(ssl_context) if ssl_context is not None else None)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if proxy is not None and not https:
+            scheme_host = f"[{host}]" if ":" in host else host
+            target = f"http://{scheme_host}" + (f":{port}" if port != default_port else "") + target
+            if proxy.authorization:
+                headers = {**headers, "Proxy-Authorization": proxy.authorization}
         request = request_bytes(method, host, port, default_port, target, headers, body)
         sock = self._checkout(key)
         try:
             if sock is None:
-                sock = self._connect(host, port, self._context(ca_bundle) if https else None, deadline)
+                context = (ssl_context or self._context(ca_bundle)) if https else None
+                sock = self._connect(host, port, context, deadline, proxy)
             sock.settimeout(remaining(deadline))
             sock.sendall(request)
             wire = Wire(sock, deadline)
@@ -361,7 +425,7 @@ class HttpPool:
             sock.close()
             if isinstance(exc, TimeoutError):
                 raise
-            raise BodyError(type(exc).__name__) from exc
+            raise BodyError(type(exc).__name__, status) from exc
         if reusable:
             self._checkin(key, sock)
         else:

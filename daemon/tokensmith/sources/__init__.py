@@ -22,9 +22,14 @@ class Credentials:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     refresh_token: str | None = field(default=None, repr=False)
+    private_key: str | None = field(default=None, repr=False)
+    certificate: str | None = field(default=None, repr=False)
+    proxy_username: str | None = field(default=None, repr=False)
+    proxy_password: str | None = field(default=None, repr=False)
 
     def secrets(self) -> list[str]:
-        return [value for value in (self.client_secret, self.password, self.refresh_token) if value]
+        return [value for value in (self.client_secret, self.password, self.refresh_token, self.private_key,
+                                    self.proxy_password) if value]
 
 
 class Source(Protocol):
@@ -58,8 +63,12 @@ def credentials_from_mapping(data: dict, client: "ClientConfig", where: str) -> 
         return value
 
     creds = Credentials(client_id=get("client_id") or "", client_secret=get("client_secret"),
-                        username=get("username"), password=get("password"), refresh_token=get("refresh_token"))
+                        username=get("username"), password=get("password"), refresh_token=get("refresh_token"),
+                        private_key=get("private_key"), certificate=get("certificate"),
+                        proxy_username=get("proxy_username"), proxy_password=get("proxy_password"))
     needed = ["client_id"]
+    needed += {"client_secret_jwt": ["client_secret"], "private_key_jwt": ["private_key"],
+               "tls_client_auth": ["certificate", "private_key"]}.get(client.auth_style, [])
     if client.grant == "password":
         needed += ["username", "password"]
     if client.grant == "refresh_token":

@@ -16,7 +16,8 @@ class EnvSource:
         prefix = self.client.source.prefix
         keys = self.client.source.keys
         data = {}
-        for field in ("client_id", "client_secret", "username", "password", "refresh_token"):
+        for field in ("client_id", "client_secret", "username", "password", "refresh_token", "private_key", "certificate",
+                      "proxy_username", "proxy_password"):
             key = getattr(keys, field)
             value = self.environ.get(prefix + key.upper())
             if value is not None:
