@@ -249,6 +249,8 @@ def test_helm_test_pod_checks_health_and_readiness(helm, helm_env, kv, newest_ku
     assert container["image"] == ts["image"] and container["securityContext"] == ts["securityContext"]
     script = container["args"][0]
     service = _one_kind(docs, "Service")
+    # the Service (and the PodMonitor/NetworkPolicy, which use the same labels) must not pick the test pod
+    assert not _match({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"])
     base = f"http://{service['metadata']['name']}.{NAMESPACE}.svc:{service['spec']['ports'][0]['port']}"
     assert base in script
     # Run the pod's check for real against loopback servers standing in for the Service.
