@@ -44,15 +44,39 @@ app.kubernetes.io/component: {{ .Values.mode }}
 {{- end }}
 
 {{- define "tokensmith.configMapName" -}}
+{{- if .Values.existingConfigMap }}
+{{- .Values.existingConfigMap }}
+{{- else }}
 {{- printf "%s-config" (include "tokensmith.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when there is something to run: clients in `config`, or an existing
+ConfigMap. The default values have neither, so they lint and render nothing.
+*/}}
+{{- define "tokensmith.configured" -}}
+{{- if or .Values.config.clients .Values.existingConfigMap }}true{{ end }}
 {{- end }}
 
 {{- define "tokensmith.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := .Values.image.repository }}
+{{- with .Values.image.registry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
 {{- end }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Label the sidecar template puts on application pods; the sidecar-mode
+PodMonitor selects it.
+*/}}
+{{- define "tokensmith.sidecarPodLabels" -}}
+tokensmith/sidecar: {{ include "tokensmith.fullname" . }}
 {{- end }}
 
 {{/*
@@ -107,7 +131,11 @@ root with mode 0777, which the daemon (non-root) can neither use as its
 {{- end }}
 
 {{- define "tokensmith.configChecksum" -}}
+{{- if .Values.existingConfigMap }}
+{{- .Values.existingConfigMap | sha256sum }}
+{{- else }}
 {{- include "tokensmith.config" . | sha256sum }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -159,7 +187,12 @@ The tokensmith container. Call with (dict "root" $ "role" "central|native|classi
     {{- end }}
     {{- range $v.extraEnv }}
     - name: {{ .name }}
+      {{- if hasKey . "valueFrom" }}
+      valueFrom:
+        {{- toYaml .valueFrom | nindent 8 }}
+      {{- else }}
       value: {{ .value | quote }}
+      {{- end }}
     {{- end }}
   {{- end }}
   {{- with $v.secretEnvFrom }}
@@ -283,6 +316,7 @@ Keys:
   volumes          tokensmith's volumes, incl. the shared in-memory token dir
   appVolumeMounts  read-only mount of the token dir for app containers
   podAnnotations   config checksum and Prometheus scrape annotations
+  podLabels        the label the sidecar-mode PodMonitor selects
 */}}
 {{- define "tokensmith.sidecar" -}}
 {{- if ne .Values.mode "sidecar" }}
@@ -302,6 +336,15 @@ appVolumeMounts:
     readOnly: true
 podAnnotations:
   {{- include "tokensmith.podAnnotations" . | nindent 2 }}
+podLabels:
+  {{- include "tokensmith.sidecarPodLabels" . | nindent 2 }}
+{{- end }}
+
+{{/*
+Label of the `helm test` pod; the NetworkPolicy lets it reach the health port.
+*/}}
+{{- define "tokensmith.testPodLabels" -}}
+tokensmith/helm-test: {{ include "tokensmith.fullname" . }}
 {{- end }}
 
 {{/*
