@@ -94,7 +94,7 @@ def test_check_config_online_discovers_and_tries_each_client_without_writing_sin
              "sinks": [{"type": "file", "path": str(tmp_path / "bad.token")}]}]}))
         code = main(["check-config", "--config", str(config), "--online"])
         out = capsys.readouterr().out
-        assert code == 2
+        assert code == 7  # check-config found problems
         assert f"online ok: client good: discovered {server.issuer}/.well-known/oauth-authorization-server" in out
         assert f"token_url={server.token_url}" in out and "client_credentials ok with basic" in out
         assert "error: client bad:" in out and "invalid_client" in out and "not-it" not in out
