@@ -272,7 +272,8 @@ def test_failures_back_off_with_full_jitter_and_honour_retry_after(server, clock
         delays.append(keeper.next_due() - clock())
         clock.advance(delays[-1])
     caps = [1, 2, 4, 8, 8, 8]
-    assert all(0 < delay <= cap for delay, cap in zip(delays, caps))
+    assert all(0.05 <= delay <= cap for delay, cap in zip(delays, caps))
+    assert len(set(delays)) == len(delays), "the same delay every time is not jitter"
     server.fail_next(status=429, headers={"Retry-After": "30"})
     keeper.run_due()
     assert keeper.next_due() - clock() >= 30
@@ -344,3 +345,120 @@ def test_status_names_tokens_only_by_fingerprint(server, clock, tmp_path):
     text = str(keeper.status())
     assert keeper.state.access_token not in text and keeper.state.refresh_token not in text
     assert keeper.status()["token"] == keeper.state.token.fingerprint
+
+
+def test_backoff_is_full_jitter_between_the_floor_and_a_doubling_cap(server, clock, tmp_path):
+    """Full jitter: each retry waits uniformly between the 50 ms floor and the cap, which doubles
+    per failure up to backoff_max. Neither `delay = cap` (clients retry in lock-step) nor no
+    backoff at all (a retry storm against the provider) may pass."""
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 2, "backoff_max": 60})
+    error = TokenEndpointError("HTTP 503", client="c1", retryable=True)
+    for attempt, cap in [(1, 2), (2, 4), (3, 8), (4, 16), (5, 32), (6, 60), (40, 60)]:
+        delays = [keeper.backoff(attempt, error) for _ in range(400)]
+        assert all(0.05 <= delay <= cap for delay in delays), attempt
+        assert min(delays) < 0.15 * cap and max(delays) > 0.85 * cap, f"attempt {attempt} is not spread to the cap"
+        assert 0.4 * cap < sum(delays) / len(delays) < 0.6 * cap, f"attempt {attempt} is not uniform"
+
+
+def test_retries_through_the_keeper_wait_longer_as_failures_go_on(server, clock, tmp_path):
+    """On the fake clock: across clients, later retries wait longer on average and never pile up."""
+    waits = {attempt: [] for attempt in range(1, 7)}
+    for seed in range(30):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed,
+                             refresh={"backoff_initial": 1, "backoff_max": 16})
+        for attempt in range(1, 7):
+            server.fail_next(status=503)
+            keeper.run_due()
+            assert keeper.failures == attempt
+            waits[attempt].append(keeper.next_due() - clock())
+            clock.advance(waits[attempt][-1])
+        server.fail_next(0)
+    means = [sum(values) / len(values) for values in waits.values()]
+    assert means == sorted(means) and means[-1] > 5, f"no exponential backoff: {means}"
+    assert all(len(set(round(w, 3) for w in values)) > 20 for values in waits.values()), "retries in lock-step"
+
+
+def test_a_non_retryable_failure_waits_up_to_the_longest_backoff(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 1, "backoff_max": 100})
+    error = TokenEndpointError("invalid_client", client="c1", retryable=False)
+    delays = [keeper.backoff(1, error) for _ in range(200)]
+    assert max(delays) > 50 and all(delay <= 100 for delay in delays)
+
+
+def test_retry_after_is_a_lower_bound_not_a_replacement(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 1, "backoff_max": 100})
+    error = TokenEndpointError("HTTP 429", client="c1", retryable=True, retry_after=3)
+    delays = [keeper.backoff(7, error) for _ in range(200)]
+    assert min(delays) >= 3 and max(delays) > 50
+
+
+def test_an_unsaved_refresh_token_is_never_spent_while_state_cannot_be_saved(server, clock, tmp_path):
+    """Nothing lost: a refresh token reaches the provider only once it is durable. While the state
+    file cannot be replaced (here: a directory stands at its path, which stops root too) the keeper
+    uses the primary grant instead of spending the refresh token it could not save."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()  # the exchange spends the durable refresh token; the new one cannot be saved
+    assert keeper.state.last_grant == "refresh_token" and keeper.state_unsaved
+    unsaved = keeper.state.refresh_token
+    exchanges = server.stats["refresh_exchanges"]
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "password", "an unsaved refresh token was spent"
+    assert server.stats["refresh_exchanges"] == exchanges
+    assert keeper.state_unsaved and server.is_active(keeper.state.access_token)
+    assert keeper.state.refresh_token != unsaved
+    state_file.rmdir()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "refresh_token" and not keeper.state_unsaved
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_a_dead_refresh_token_that_cannot_be_forgotten_on_disk_is_not_presented_again(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    TokenClient(keeper.client, clock=clock).obtain("refresh_token", keeper.source.creds,
+                                                   refresh_token=keeper.state.refresh_token)
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.fell_back == "invalid_grant" and keeper.state_unsaved
+    reuse = server.stats["refresh_reuse"]
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "password" and outcome.fell_back is None
+    assert server.stats["refresh_reuse"] == reuse
+
+
+def test_a_refresh_continues_the_chain_another_process_moved_on(server, clock, tmp_path):
+    """A CLI rotating without the daemon writes the state file; the daemon's keeper reads it back
+    before its next refresh instead of presenting the refresh token that was spent meanwhile."""
+    daemon_side = make_keeper(server, clock, tmp_path)
+    daemon_side.run_due()
+    cli_side = make_keeper(server, clock, tmp_path)
+    clock.advance(1)
+    assert cli_side.refresh(reason="cli").grant == "refresh_token"
+    moved_on = cli_side.state.access_token
+    outcome = daemon_side.refresh(reason="scheduled")
+    assert outcome.ok and outcome.grant == "refresh_token" and outcome.fell_back is None
+    assert outcome.old_token.access_token == moved_on, "the keeper did not reload the newer state"
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_an_older_state_file_does_not_roll_the_keeper_back(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    older = keeper.store.load("c1")
+    clock.advance(5)
+    keeper.refresh(reason="test")
+    newer = keeper.state.access_token
+    other = StateStore(tmp_path / "state")
+    other.save("c1", older)  # e.g. a stale writer puts back what it had
+    clock.advance(5)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.old_token.access_token == newer and outcome.fell_back is None
