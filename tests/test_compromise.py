@@ -160,21 +160,23 @@ def test_scheduled_refreshes_racing_manual_rotations_spend_each_refresh_token_on
     daemon = project.start()
     try:
         daemon.wait_ready()
-        results = []
+        results, replies, errors = [], [], []
 
         def rotate():
-            result = project.cli("rotate", "inv", "--compromised", "--json")
-            results.append(result.returncode)
-            replies.append(json.loads(result.stdout)["results"][0])
-
-        replies = []
+            try:
+                result = project.cli("rotate", "inv", "--compromised", "--json")
+                results.append(result.returncode)
+                replies.append(json.loads(result.stdout)["results"][0])
+            except Exception as exc:  # a worker's failure must fail the test, not vanish with its thread
+                errors.append(repr(exc))
 
         threads = [threading.Thread(target=rotate) for _ in range(6)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert results == [0] * 6
+        assert errors == []
+        assert results == [0] * 6 and len(replies) == 6
         assert server.stats["refresh_reuse"] == 0
         assert "invalid_grant" not in daemon.log
         # concurrent rotations of one client wait for each other or coalesce; every one of them
@@ -236,3 +238,271 @@ def test_invalid_client_during_normal_running_is_an_alert_in_status(project, ser
         assert "ALERT: invalid_client" in status.stdout
     finally:
         daemon.stop()
+
+
+# ---- rotate_compromised on a keeper, no daemon: what it claims against what the provider did
+
+class NonRotatingServer(OAuthServer):
+    """A provider whose refresh exchange returns a new access token but no new refresh token (the
+    held one stays valid, as Google's and Azure AD's do). An exchange still revokes the access
+    token that came with the refresh token, and only that one."""
+
+    def _spend_refresh(self, client_id, token):
+        user = super()._spend_refresh(client_id, token)
+        self._refresh[token].spent = False
+        return user
+
+    def _issue(self, client_id, client, grant, user):
+        rotating, self.issue_refresh_tokens = self.issue_refresh_tokens, grant != "refresh_token"
+        try:
+            return super()._issue(client_id, client, grant, user)
+        finally:
+            self.issue_refresh_tokens = rotating
+
+
+def make_keeper(server, tmp_path, *, sinks=None, **fields):
+    import random
+
+    from fakes import MemorySink, StaticSource
+    from tokensmith.config import ClientConfig
+    from tokensmith.keeper import Keeper
+    from tokensmith.state import StateStore
+    from tokensmith.tokenclient import TokenClient
+
+    server.add_client("kc", "kc-secret", dialect="post", users={"alice": "pw-alice"})
+    config = ClientConfig(name="kc", token_url=server.token_url, grant="password", source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/unused"}], **fields)
+    store = StateStore(tmp_path / "kstate")
+    store.prepare()
+    source = StaticSource(client_id="kc", client_secret="kc-secret", username="alice", password="pw-alice")
+    keeper = Keeper(config, source, sinks if sinks is not None else [MemorySink()], TokenClient(config), store,
+                    rng=random.Random(1))
+    keeper.load()
+    return keeper
+
+
+def rotate(keeper, tmp_path, **options):
+    from tokensmith.compromise import rotate_compromised
+
+    return rotate_compromised(keeper, audit_path=tmp_path / "kaudit" / "audit.log",
+                              operator={"uid": 0, "user": "test"}, **options)
+
+
+def active(server, keeper, token):
+    return keeper.token_client.introspect(token, keeper.source.creds)
+
+
+def test_a_paired_refresh_exchange_is_reported_as_the_invalidation(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    assert (result["result"], result["exit_code"], result["invalidation"]) == ("rotated", 0, "refresh_exchange")
+    assert {"step": "refresh_exchange", "result": "ok"} in result["steps"]
+    assert not server.is_active(old) and server.is_active(keeper.state.access_token)
+    assert result["old_token"] == fingerprint(old) and result["new_token"] == keeper.state.token.fingerprint
+
+
+def test_an_unpaired_refresh_exchange_is_not_claimed_as_invalidation(tmp_path):
+    """The held refresh token came with an earlier access token (the provider does not rotate
+    refresh tokens): exchanging it does not touch the current one, and the result says so."""
+    with NonRotatingServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url)
+        keeper.run_due()
+        assert keeper.refresh(reason="routine").grant == "refresh_token"
+        old = keeper.state.access_token
+        assert keeper.state.refresh_token_obtained_at < keeper.state.obtained_at
+        result = rotate(keeper, tmp_path)
+        assert server.is_active(old), "the provider really left the old token valid"
+        assert result["invalidation"] == "none" and result["result"] == "verification_failed"
+        assert result["exit_code"] == 4 and result["verification"] == "failed: old token still active"
+        assert {"step": "refresh_exchange",
+                "result": "ok, but the old access token was not issued with that refresh token"} in result["steps"]
+        line = json.loads((tmp_path / "kaudit" / "audit.log").read_text().splitlines()[-1])
+        assert line["invalidation"] == "none" and line["result"] == "verification_failed"
+
+
+def test_an_unpaired_exchange_without_any_other_means_exits_unrevoked(tmp_path):
+    with NonRotatingServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path)
+        keeper.run_due()
+        keeper.refresh(reason="routine")
+        old = keeper.state.access_token
+        result = rotate(keeper, tmp_path)
+        assert server.is_active(old)
+        assert (result["result"], result["exit_code"], result["invalidation"]) == ("unrevoked", 3, "none")
+        assert "stays valid until" in result["message"]
+        accepted = rotate(keeper, tmp_path, accept_unrevoked=True)
+        assert (accepted["result"], accepted["exit_code"]) == ("unrevoked", 0)
+
+
+def test_an_unpaired_exchange_falls_to_revocation_which_really_invalidates(tmp_path):
+    with NonRotatingServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url,
+                             introspection_url=server.introspection_url)
+        keeper.run_due()
+        keeper.refresh(reason="routine")
+        old = keeper.state.access_token
+        result = rotate(keeper, tmp_path)
+        assert not server.is_active(old)
+        assert (result["result"], result["exit_code"], result["invalidation"]) == ("rotated", 0, "revocation")
+        assert result["verification"] == "verified"
+        assert {"step": "revoke_access_token", "result": "ok"} in result["steps"]
+
+
+def test_an_unspent_old_refresh_token_is_revoked_as_well(server, tmp_path):
+    """The held refresh token is past refresh_token_lifetime, so the rotation does not exchange it
+    (it uses the primary grant); with a revocation endpoint both old tokens are revoked."""
+    keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url,
+                         introspection_url=server.introspection_url, refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    old_access, old_refresh = keeper.state.access_token, keeper.state.refresh_token
+    assert active(server, keeper, old_refresh)
+    result = rotate(keeper, tmp_path)
+    assert result["grant"] == "password"
+    assert {"step": "revoke_access_token", "result": "ok"} in result["steps"]
+    assert {"step": "revoke_refresh_token", "result": "ok"} in result["steps"]
+    assert not active(server, keeper, old_refresh), "the unspent old refresh token is still usable"
+    assert not server.is_active(old_access)
+    assert (result["result"], result["invalidation"], result["verification"]) == ("rotated", "revocation", "verified")
+
+
+def test_a_spent_refresh_token_is_not_revoked_again(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url)
+    keeper.run_due()
+    result = rotate(keeper, tmp_path)
+    assert [step["step"] for step in result["steps"]] == ["refresh_exchange", "revoke_access_token"]
+    assert result["invalidation"] == "refresh_exchange+revocation"
+
+
+def test_a_failed_revocation_is_reported_and_not_claimed(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, revocation_url=server.url + "/no-such-endpoint",
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    assert server.is_active(old)
+    assert [step["result"][:7] for step in result["steps"]] == ["failed:", "failed:"]
+    assert (result["result"], result["exit_code"], result["invalidation"]) == ("unrevoked", 3, "none")
+
+
+def test_a_refresh_token_spent_elsewhere_is_reported_as_rejected(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    keeper.token_client.obtain("refresh_token", keeper.source.creds, refresh_token=keeper.state.refresh_token)
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path, accept_unrevoked=True)
+    assert {"step": "refresh_exchange", "result": "rejected (invalid_grant)"} in result["steps"]
+    assert result["invalidation"] == "none" and result["result"] == "unrevoked" and result["exit_code"] == 0
+    assert not server.is_active(old)  # spent elsewhere; rotation does not claim it
+
+
+def test_no_new_token_is_a_failure_that_keeps_the_old_token(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    old = keeper.state.access_token
+    server.fail_next(status=503)
+    result = rotate(keeper, tmp_path)
+    assert (result["result"], result["exit_code"], result["new_token"]) == ("failed", 1, None)
+    assert "the old token is still valid" in result["message"] and server.is_active(old)
+    assert keeper.state.access_token == old
+
+
+def test_a_rejected_refresh_and_a_failed_grant_report_both(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    keeper.token_client.obtain("refresh_token", keeper.source.creds, refresh_token=keeper.state.refresh_token)
+    server.set_client_secret("kc", "reset")
+    result = rotate(keeper, tmp_path)
+    assert result["result"] == "failed" and result["exit_code"] == 1
+    assert result["steps"] == [{"step": "refresh_exchange", "result": "rejected (invalid_client)"}]
+
+
+def test_nothing_to_invalidate_when_there_was_no_token(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url)
+    result = rotate(keeper, tmp_path)
+    assert (result["result"], result["exit_code"], result["old_token"]) == ("no_old_token", 0, None)
+    assert result["steps"] == [] and keeper.state.access_token
+    assert server.stats["revocations"] == 0
+
+
+def test_a_sink_failure_sets_exit_5_on_an_otherwise_good_rotation(server, tmp_path):
+    from fakes import FailingSink, MemorySink
+
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    failing = FailingSink(5)
+    keeper.sinks = [MemorySink(), failing]
+    result = rotate(keeper, tmp_path)
+    assert result["result"] == "rotated" and result["exit_code"] == 5
+    assert result["message"].endswith("; some sinks were not written")
+    assert result["sinks"][failing.name].startswith("memory:failing: injected failure")
+
+
+def test_a_sink_failure_outranks_unrevoked(server, tmp_path):
+    from fakes import FailingSink
+
+    keeper = make_keeper(server, tmp_path, refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    keeper.sinks = [FailingSink(5)]
+    result = rotate(keeper, tmp_path)
+    assert result["result"] == "unrevoked" and result["exit_code"] == 5
+
+
+def test_verification_failure_outranks_a_sink_failure(server, tmp_path):
+    from fakes import FailingSink
+
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    keeper.sinks = [FailingSink(5)]
+    result = rotate(keeper, tmp_path)
+    assert result["result"] == "verification_failed" and result["exit_code"] == 4
+
+
+def test_a_failed_hook_is_named_in_the_message(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+
+    class Hooks:
+        def run(self, client, token):
+            return [{"hook": "command:false", "ok": False}]
+
+    keeper.hooks = Hooks()
+    result = rotate(keeper, tmp_path)
+    assert result["exit_code"] == 0 and result["message"].endswith("; a consumer hook failed")
+    assert result["hooks"] == [{"hook": "command:false", "ok": False}]
+
+
+def test_introspection_errors_are_reported_as_unverified_errors(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, introspection_url=server.url + "/no-such-endpoint")
+    keeper.run_due()
+    result = rotate(keeper, tmp_path)
+    assert result["verification"].startswith("error: ") and result["exit_code"] == 4
+    assert result["result"] == "verification_failed"
+
+
+def test_verify_url_is_checked_and_wins_over_introspection(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url)
+    keeper.run_due()
+    result = rotate(keeper, tmp_path, verify_url=server.resource_url)
+    assert result["verify_url"] == "verified" and result["verification"] == "verified"
+    failing = rotate(keeper, tmp_path, verify_url=server.url + "/no-such-endpoint")
+    assert failing["verify_url"] == "failed: old token got HTTP 404"
+    assert failing["verification"] == "failed: old token got HTTP 404" and failing["exit_code"] == 4
+
+
+def test_the_audit_line_names_tokens_only_by_fingerprint_and_is_0600(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    path = tmp_path / "kaudit" / "audit.log"
+    text = path.read_text()
+    [line] = [json.loads(raw) for raw in text.splitlines()]
+    assert old not in text and keeper.state.access_token not in text and "pw-alice" not in text
+    assert line["old_token"] == fingerprint(old) and line["operator"] == {"uid": 0, "user": "test"}
+    assert set(line) == {"time", "client", "operator", "old_token", "new_token", "grant", "reload_credentials",
+                         "steps", "invalidation", "verification", "sinks", "hooks", "result", "exit_code"}
+    assert line["time"].endswith("Z") and line["exit_code"] == result["exit_code"] == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700

@@ -714,15 +714,15 @@ def test_tls_with_the_right_ca_bundle_succeeds(tls_server, report):
 def test_tls_with_an_unrelated_ca_bundle_fails_verification(tls_server, tmp_path, report):
     other, _ = self_signed(tmp_path, "other")
     error = expect_error(TokenClient(client_config(tls_server.url + "/t", ca_bundle=other)))
-    assert "TLS" in str(error)
+    assert "TLS verification failed" in str(error)
     assert tls_server.requests == []  # nothing, credentials least of all, went over the unverified channel
     report.record('TLS endpoint with a certificate outside the configured CA bundle', 'refused (verification on, CA bundle honoured)')
 
 def test_tls_with_a_nonexistent_ca_bundle_is_a_typed_error(tls_server, tmp_path):
     missing = tmp_path / "no-such-ca.pem"
     error = expect_error(TokenClient(client_config(tls_server.url + "/t", ca_bundle=missing)))
-    assert "TLS" in str(error) or str(missing) in str(error)
-    assert tls_server.requests == []
+    assert "TLS setup failed: cannot load CA bundle" in str(error) and str(missing) in str(error)
+    assert "verification" not in str(error) and tls_server.requests == []
 
 
 # ---- parse_token_response
