@@ -133,3 +133,60 @@ def test_holds_compares_exact_content_and_refuses_symlinks(tmp_path):
     assert not holds(tmp_path / "link", b"abc") and not holds(tmp_path / "absent", b"abc")
     (tmp_path / "d").mkdir()
     assert not holds(tmp_path / "d", b"")
+
+
+def test_the_temp_file_is_created_with_its_final_mode_never_briefly_wider(tmp_path, monkeypatch):
+    seen = []
+    real_fchmod = os.fchmod
+
+    def fchmod(fd, mode):
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))  # as created, before the narrowing
+        return real_fchmod(fd, mode)
+
+    monkeypatch.setattr(fsutil.os, "fchmod", fchmod)
+    old = os.umask(0)
+    try:
+        atomic_write(tmp_path / "t", b"x", mode=0o600)
+    finally:
+        os.umask(old)
+    assert seen == [0o600]
+
+
+def test_descriptors_are_close_on_exec_so_a_hook_child_never_inherits_a_token_file(tmp_path, monkeypatch):
+    import fcntl
+
+    flags = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        flags.append(bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    atomic_write(tmp_path / "t", b"x")
+    assert flags == [True, True]  # the temp file and the directory
+
+
+def test_a_planted_file_at_the_temp_name_is_never_written_through(tmp_path, monkeypatch):
+    monkeypatch.setattr(fsutil.os, "urandom", lambda n: b"\x01" * n)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"theirs")
+    (tmp_path / f"{TEMP_PREFIX}t.{'01' * 4}{fsutil.TEMP_SUFFIX}").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError):
+        atomic_write(tmp_path / "t", b"ours")
+    assert elsewhere.read_bytes() == b"theirs" and not (tmp_path / "t").exists()
+
+
+def test_the_file_keeps_its_owner_when_a_group_is_set(tmp_path):
+    written = atomic_write(tmp_path / "g", b"x", gid=os.getgid())
+    assert (written.st_uid, os.stat(tmp_path / "g").st_uid) == (os.geteuid(), os.geteuid())
+
+
+def test_fsync_dir_refuses_a_path_that_is_not_a_directory(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        fsutil.fsync_dir(tmp_path / "f")
+
+
+def test_remove_stale_temps_in_a_missing_directory_removes_nothing(tmp_path):
+    assert remove_stale_temps(tmp_path / "absent") == 0
