@@ -123,7 +123,7 @@ def test_unusable_state_directory_exits_with_a_clear_error(project, tmp_path, re
     daemon = project.start()
     assert daemon.process.wait(15) == 73
     assert "state directory" in daemon.log
-    report.record('state directory unwritable at start', 'clear one-line error, exit 73 (EX_CANTCREAT)')
+    report.record('state directory unwritable at start', 'error naming the state directory, exit 73 (EX_CANTCREAT)')
 
 def test_a_missing_sink_directory_fails_before_the_first_refresh(project, server):
     client = project.add_client("c", lifetime=60)

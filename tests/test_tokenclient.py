@@ -332,7 +332,7 @@ def test_oversized_response_is_refused(oauth, report):
     error = expect_error(TokenClient(client_config(oauth.token_url)))
     assert "refused" in str(error)
     assert error.error == "oversized_response"
-    report.record('token response larger than 64 KiB', 'cut off at the cap; typed error, nothing written')
+    report.record('token response larger than 64 KiB', 'refused with a typed error (oversized_response); no token returned')
 
 def test_redirect_from_the_token_endpoint_is_not_followed(report):
     with LocalServer(token_reply) as elsewhere:
@@ -837,7 +837,7 @@ def test_jwt_with_alg_none_does_not_crash(report):
     token_value = b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(json.dumps({"exp": SENT_AT + 100}).encode()) + "."
     token = parse({"access_token": token_value, "expires_in": 3600})
     assert 0 < token.lifetime <= 3600
-    report.record('JWT access token with alg none', 'no crash; lifetime from expires_in/exp')
+    report.record('JWT access token with alg none', 'no crash; a token whose lifetime is positive and no longer than expires_in')
 
 def test_jwt_with_garbage_signature_still_gives_its_exp(report):
     header, payload, _ = make_jwt(exp=int(SENT_AT) + 100).split(".")
