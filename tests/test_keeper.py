@@ -462,3 +462,114 @@ def test_an_older_state_file_does_not_roll_the_keeper_back(server, clock, tmp_pa
     clock.advance(5)
     outcome = keeper.refresh(reason="test")
     assert outcome.old_token.access_token == newer and outcome.fell_back is None
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.calls = []
+
+    def refresh_attempt(self, client, grant):
+        self.calls.append(("attempt", client, grant))
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        assert seconds >= 0
+        self.calls.append(("result", client, ok, reason, token.fingerprint if token else None))
+
+    def sink_failure(self, client, sink_type):
+        self.calls.append(("sink_failure", client, sink_type))
+
+
+def test_status_before_any_token_and_after_one(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    assert keeper.status() == {"client": "c1", "token": None, "expires_at": None, "valid": False, "last_refresh": None,
+                               "last_grant": None, "next_refresh": None, "refresh_token_held": False, "failures": 0,
+                               "last_error": None, "alert": None, "sinks_pending": []}
+    assert not keeper.ready()
+    clock.advance(0.5)
+    keeper.run_due()
+    state = keeper.state
+    assert keeper.status() == {"client": "c1", "token": state.token.fingerprint, "expires_at": int(state.expires_at),
+                               "valid": True, "last_refresh": int(clock()), "last_grant": "password",
+                               "next_refresh": int(keeper.next_due()), "refresh_token_held": True, "failures": 0,
+                               "last_error": None, "alert": None, "sinks_pending": []}
+    assert keeper.ready()
+    clock.advance(state.expires_at - clock())
+    assert keeper.status()["valid"] is False and not keeper.ready(), "a token at its expiry instant is not valid"
+
+
+def test_status_and_metrics_after_failures(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(1)])
+    keeper.metrics = metrics = RecordingMetrics()
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    keeper.run_due()
+    status = keeper.status()
+    assert status["failures"] == 1 and status["token"] is None and status["next_refresh"] == int(keeper.retry_at)
+    assert "503" in status["last_error"] and keeper.state.last_error_at == clock()
+    assert keeper.retry_at > clock() and keeper.next_due() == keeper.retry_at
+    assert metrics.calls == [("attempt", "c1", "password"), ("result", "c1", False, "server_error", None)]
+    clock.advance(keeper.next_due() - clock())
+    metrics.calls.clear()
+    keeper.run_due()
+    assert metrics.calls == [("attempt", "c1", "password"), ("result", "c1", True, "ok", keeper.state.token.fingerprint),
+                             ("sink_failure", "c1", "memory")]
+    assert keeper.status()["sinks_pending"] == ["memory:failing"] and keeper.failures == 0
+    assert not keeper.ready() and keeper.sink_failures == 1
+    assert clock() < keeper.next_due() == keeper.sink_retry_at <= clock() + 1
+
+
+def test_failures_are_logged_with_their_level_and_event(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials")
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+        server.set_client_secret("app", "changed")
+        clock.advance(keeper.next_due() - clock())
+        keeper.run_due()
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert [(r.levelname, r.reason, r.client) for r in failed] == [("ERROR", "server_error", "c1"),
+                                                                   ("CRITICAL", "invalid_client", "c1")]
+    assert failed[0].getMessage().startswith("refresh failed (attempt 1, retry in ")
+    assert "current token valid for 0s more" in failed[1].getMessage()
+    assert keeper.state.alert.startswith("invalid_client: ")
+
+
+def test_a_refresh_is_logged_with_both_fingerprints(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+        old = keeper.state.token
+        keeper.refresh(reason="manual")
+    refreshed = [r for r in caplog.records if getattr(r, "event", None) == "refreshed"]
+    assert len(refreshed) == 2 and all(r.client == "c1" for r in refreshed)
+    assert refreshed[1].getMessage().startswith(f"new token {keeper.state.token.fingerprint} via refresh_token grant "
+                                                "(manual)")
+    assert refreshed[1].getMessage().endswith(f" replacing {old.fingerprint}")
+    assert " replacing " not in refreshed[0].getMessage()
+
+
+def test_the_refresh_token_fallbacks_are_logged(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 100})
+    keeper.run_due()
+    TokenClient(keeper.client, clock=clock).obtain("refresh_token", keeper.source.creds,
+                                                   refresh_token=keeper.state.refresh_token)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.refresh(reason="test")
+        clock.advance(101)
+        keeper.refresh(reason="test")
+    events = [(r.event, r.levelname) for r in caplog.records if getattr(r, "event", None) != "refreshed"]
+    assert events == [("refresh_token_rejected", "WARNING"), ("refresh_token_aged", "INFO")]
+
+
+def test_a_sink_that_raises_unexpectedly_does_not_stop_the_others(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    good = MemorySink("memory:good")
+    keeper = make_keeper(server, clock, tmp_path, sinks=[Broken("memory:broken"), good])
+    keeper.metrics = metrics = RecordingMetrics()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.sinks == {"memory:broken": "unexpected RuntimeError", "memory:good": None}
+    assert not outcome.sinks_ok and good.current.access_token == keeper.state.access_token
+    assert ("sink_failure", "c1", "memory") in metrics.calls
+    assert keeper.pending_sinks() == [keeper.sinks[0]]
