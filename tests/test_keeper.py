@@ -573,3 +573,105 @@ def test_a_sink_that_raises_unexpectedly_does_not_stop_the_others(server, clock,
     assert not outcome.sinks_ok and good.current.access_token == keeper.state.access_token
     assert ("sink_failure", "c1", "memory") in metrics.calls
     assert keeper.pending_sinks() == [keeper.sinks[0]]
+
+
+def token_at(obtained, lifetime):
+    from tokensmith.tokens import Token
+
+    return Token(access_token="t", token_type="Bearer", obtained_at=obtained, expires_at=obtained + lifetime)
+
+
+def schedules(server, clock, tmp_path, refresh, lifetime, *, catching_up=False, n=200):
+    keeper = make_keeper(server, clock, tmp_path, refresh=refresh)
+    return [keeper.schedule_for(token_at(1000.0, lifetime), catching_up=catching_up) - 1000.0 for _ in range(n)]
+
+
+def test_a_sub_second_token_is_refreshed_before_it_expires(server, clock, tmp_path):
+    dues = schedules(server, clock, tmp_path, {"min_lead": 60, "jitter": 0.1}, 0.5)
+    assert all(0 < due < 0.5 for due in dues)
+
+
+def test_min_lead_is_never_overrun_even_when_only_the_jitter_would_cross_it(server, clock, tmp_path):
+    # target 480 s, spread 60 s, latest 480 s: target - spread is before the limit, target + spread after it
+    dues = schedules(server, clock, tmp_path, {"at_fraction": 0.8, "jitter": 0.1, "min_lead": 120}, 600)
+    assert all(due <= 480 for due in dues) and min(dues) < 400
+
+
+def test_a_wide_jitter_never_schedules_a_refresh_before_five_percent_of_the_lifetime(server, clock, tmp_path):
+    dues = schedules(server, clock, tmp_path, {"at_fraction": 0.9, "jitter": 0.45, "min_lead": 600}, 600)
+    assert all(due >= 30 for due in dues) and dues.count(30) > 10
+
+
+@pytest.mark.parametrize("at_fraction, earliest", [(0.5, 0.25), (0.9, 0.4)])
+def test_a_first_token_is_spread_from_the_earliest_point(server, clock, tmp_path, at_fraction, earliest):
+    """Catching up: uniform from min(0.4, at_fraction / 2) of the lifetime to the usual latest point."""
+    dues = schedules(server, clock, tmp_path, {"at_fraction": at_fraction, "jitter": 0, "min_lead": 0}, 1000,
+                     catching_up=True)
+    assert all(earliest * 1000 <= due <= at_fraction * 1000 for due in dues)
+    assert min(dues) < (earliest + 0.02) * 1000 and max(dues) > (at_fraction - 0.02) * 1000
+
+
+def test_a_manual_exchange_and_a_credential_reload_are_honoured(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    reads = keeper.source.reads
+    outcome = keeper.refresh(reason="compromised", exchange=True)
+    assert outcome.grant == "refresh_token" and outcome.exchanged_refresh_token
+    assert keeper.source.reads == reads, "an exchange reads the credentials only when asked"
+    assert outcome.new_token.access_token == keeper.state.access_token
+    keeper.refresh(exchange=True, reload_credentials=True)
+    assert keeper.source.reads == reads + 1
+
+
+def test_the_state_records_the_token_as_the_provider_issued_it(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials")
+    server.fail_next(status=200, body='{"access_token": "dpop-bound-token", "token_type": "DPoP", "expires_in": 600}')
+    keeper.run_due()
+    saved = StateStore(tmp_path / "state").load("c1")
+    assert (saved.token_type, saved.client_id, saved.last_grant) == ("DPoP", "app", "client_credentials")
+    assert saved.access_token == "dpop-bound-token" and saved.last_refresh == clock()
+    assert keeper.sinks[0].current.token_type == "DPoP"
+
+
+def test_a_non_rotating_refresh_token_is_kept_with_its_own_age(server, clock, tmp_path):
+    """A provider that does not rotate refresh tokens returns none on an exchange: the held one is
+    kept, and keeps the time it was issued (which is what tells compromise rotation it is unpaired)."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    held, issued_at = keeper.state.refresh_token, keeper.state.refresh_token_obtained_at
+    server.issue_refresh_tokens = False
+    clock.advance(10)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.grant == "refresh_token" and outcome.new_token.refresh_token is None
+    assert keeper.state.refresh_token == held and keeper.state.refresh_token_obtained_at == issued_at
+    assert keeper.state.obtained_at == issued_at + 10
+
+
+def test_a_new_token_without_a_refresh_token_from_another_grant_drops_the_old_one(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    server.issue_refresh_tokens = False
+    keeper.refresh(reason="test")
+    assert keeper.state.last_grant == "password" and keeper.state.refresh_token is None
+    assert keeper.status()["refresh_token_held"] is False
+
+
+def test_a_failure_while_holding_a_token_says_how_long_it_stays_valid(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    clock.advance(100)
+    server.fail_next(status=500, body='{"error": "server_error"}')
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.refresh(reason="test")
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert "current token valid for 500s more" in record.getMessage()
+    assert keeper.state.alert is None and keeper.status()["valid"]
+
+
+def test_a_source_failure_is_counted_under_its_error_type(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.metrics = metrics = RecordingMetrics()
+    keeper.source.fail = 1
+    keeper.run_due()
+    assert metrics.calls == [("result", "c1", False, "SourceError", None)]
+    assert keeper.state.alert is None and "injected outage" in keeper.state.last_error
