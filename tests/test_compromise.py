@@ -508,3 +508,92 @@ def test_the_audit_line_names_tokens_only_by_fingerprint_and_is_0600(server, tmp
                          "steps", "invalidation", "verification", "sinks", "hooks", "result", "exit_code"}
     assert line["time"].endswith("Z") and line["exit_code"] == result["exit_code"] == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_a_rotation_requested_while_one_runs_is_coalesced_into_it(server, tmp_path):
+    """Two operators report the same leak at once: the second waits for the first and gets its
+    result (marked coalesced) instead of rotating the fresh token again."""
+    from tokensmith import compromise
+
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    waiting, results = threading.Event(), {}
+    real_lock = threading.Lock()
+
+    class WatchedLock:
+        def __enter__(self):
+            if threading.current_thread().name == "second":
+                waiting.set()
+            real_lock.acquire()
+
+        def __exit__(self, *exc):
+            real_lock.release()
+
+    compromise._locks[keeper.name] = WatchedLock()
+    second = threading.Thread(target=lambda: results.setdefault("second", rotate(keeper, tmp_path)), name="second")
+
+    class StartSecondDuringTheFirst:
+        def refresh_attempt(self, client, grant):
+            if not second.is_alive() and "second" not in results:
+                second.start()
+                assert waiting.wait(10)
+
+        def refresh_result(self, *args):
+            pass
+
+        def sink_failure(self, *args):
+            pass
+
+    keeper.metrics = StartSecondDuringTheFirst()
+    try:
+        issued = server.stats["issued"]
+        first = rotate(keeper, tmp_path)
+        second.join(10)
+    finally:
+        compromise._locks.pop(keeper.name, None)
+    assert server.stats["issued"] == issued + 1, "the second request rotated again"
+    assert first["coalesced"] is False and results["second"]["coalesced"] is True
+    assert results["second"]["new_token"] == first["new_token"] and results["second"]["exit_code"] == 0
+    later = rotate(keeper, tmp_path)
+    assert later["coalesced"] is False and later["old_token"] == first["new_token"]
+
+
+def test_metrics_and_the_log_line_carry_the_result(server, tmp_path, caplog):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    seen = []
+
+    class Metrics:
+        def compromise_rotation(self, client, result):
+            seen.append((client, result))
+
+    from tokensmith.compromise import rotate_compromised
+
+    with caplog.at_level("INFO", logger="tokensmith.compromise"):
+        ok = rotate_compromised(keeper, metrics=Metrics(), operator={"uid": 1, "user": "op"})
+        server.fail_next(status=503)
+        rotate_compromised(keeper, metrics=Metrics(), operator={"uid": 1, "user": "op"})
+    assert seen == [("kc", "rotated"), ("kc", "failed")]
+    records = [r for r in caplog.records if getattr(r, "event", None) == "compromise_rotation"]
+    assert [r.levelname for r in records] == ["INFO", "WARNING"] and all(r.client == "kc" for r in records)
+    assert records[0].getMessage() == (f"compromise rotation: rotated (old {ok['old_token']}, new "
+                                       f"{ok['new_token']}, invalidation refresh_exchange, verification unverified)")
+    assert ok["finished_at"] >= ok["time"] and ok["operator"] == {"uid": 1, "user": "op"}
+
+
+def test_the_operator_is_named_by_uid_and_user(server):
+    from tokensmith.compromise import operator_identity
+
+    assert operator_identity(0) == {"uid": 0, "user": "root"}
+    assert operator_identity(4_000_000) == {"uid": 4_000_000, "user": "4000000"}
+    assert operator_identity()["uid"] == os.getuid()
+
+
+def test_verify_url_reports_what_the_resource_said(server):
+    from tokensmith.compromise import verify_with_resource
+
+    with OAuthServer(access_lifetime=300) as other:
+        other.add_client("x", "x-secret")
+    assert verify_with_resource(server.resource_url, "not-a-token", "also-not", timeout=5) == \
+        "failed: new token got HTTP 401"
+    assert verify_with_resource(other.resource_url, "a", "b", timeout=5) == "error: ConnectionError"

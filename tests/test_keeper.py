@@ -675,3 +675,30 @@ def test_a_source_failure_is_counted_under_its_error_type(server, clock, tmp_pat
     keeper.run_due()
     assert metrics.calls == [("result", "c1", False, "SourceError", None)]
     assert keeper.state.alert is None and "injected outage" in keeper.state.last_error
+
+
+def test_a_retry_reaches_a_pending_sink_behind_one_already_written(server, clock, tmp_path):
+    good, flaky = MemorySink("memory:good"), FailingSink(1, "memory:flaky")
+    keeper = make_keeper(server, clock, tmp_path, sinks=[good, flaky])
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert flaky.current.access_token == keeper.state.access_token and len(good.tokens) == 1
+
+
+def test_which_sinks_hold_the_token_is_saved_after_them_without_a_directory_fsync(server, clock, tmp_path):
+    """The durable save (new refresh token) syncs the directory; the later record of which sinks
+    hold the token may be lost in a crash (the sinks are then rewritten), so it skips that fsync."""
+    keeper = make_keeper(server, clock, tmp_path, sinks=[MemorySink("memory:a")])
+    saves = []
+    real_save = keeper.store.save
+
+    def save(client, state, **kwargs):
+        saves.append((kwargs.get("sync_dir", True), dict(state.sinks_written)))
+        real_save(client, state, **kwargs)
+
+    keeper.store.save = save
+    keeper.run_due()
+    fp = keeper.state.token.fingerprint
+    assert saves == [(True, {}), (False, {"memory:a": fp})]
+    assert StateStore(tmp_path / "state").load("c1").sinks_written == {"memory:a": fp}
