@@ -3,6 +3,7 @@ without a running daemon, against the seed semantics plus RFC 7009/7662 endpoint
 
 import json
 import os
+import socket
 import stat
 import threading
 
@@ -597,3 +598,121 @@ def test_verify_url_reports_what_the_resource_said(server):
     assert verify_with_resource(server.resource_url, "not-a-token", "also-not", timeout=5) == \
         "failed: new token got HTTP 401"
     assert verify_with_resource(other.resource_url, "a", "b", timeout=5) == "error: ConnectionError"
+
+
+class Resource:
+    """A protected resource on loopback that answers per bearer token, records what it was sent,
+    and can serve TLS."""
+
+    def __init__(self, answers, ssl_context=None):
+        import http.server
+
+        resource = self
+        self.answers, self.seen = answers, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                auth = self.headers.get("Authorization")
+                resource.seen.append(auth)
+                status, headers = resource.answers.get(auth, (401, {}))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if ssl_context is not None:
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True)
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}/r"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def resource():
+    made = []
+    yield lambda answers, **kw: made.append(Resource(answers, **kw)) or made[-1]
+    for r in made:
+        r.close()
+
+
+def test_verify_url_sends_each_token_as_a_bearer_and_reads_the_exact_status(resource):
+    from tokensmith.compromise import verify_with_resource
+
+    r = resource({"Bearer old": (401, {}), "Bearer new": (204, {})})
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "verified"
+    assert r.seen == ["Bearer old", "Bearer new"]
+    r.answers["Bearer old"] = (200, {})
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "failed: old token got HTTP 200"
+    r.answers.update({"Bearer old": (401, {}), "Bearer new": (300, {})})
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "failed: new token got HTTP 300"
+
+
+def test_verify_url_does_not_follow_a_redirect_with_a_token(resource):
+    from tokensmith.compromise import verify_with_resource
+
+    elsewhere = resource({})
+    r = resource({"Bearer old": (302, {"Location": elsewhere.url}), "Bearer new": (200, {})})
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "failed: old token got HTTP 302"
+    assert elsewhere.seen == []
+
+
+def test_verify_url_ignores_proxies_from_the_environment(resource, monkeypatch):
+    from tokensmith.compromise import verify_with_resource
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    r = resource({"Bearer new": (200, {})})
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "verified"
+
+
+def test_verify_url_over_tls_trusts_exactly_the_configured_ca_bundle(resource, tmp_path):
+    import ssl
+
+    from test_tokenclient import self_signed
+    from tokensmith.compromise import verify_with_resource
+
+    cert, key = self_signed(tmp_path, "resource")
+    other, _ = self_signed(tmp_path, "other")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    r = resource({"Bearer new": (200, {})}, ssl_context=context)
+    assert verify_with_resource(r.url, "old", "new", timeout=5, ca_bundle=cert) == "verified"
+    assert verify_with_resource(r.url, "old", "new", timeout=5, ca_bundle=other) == "error: SSLError"
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "error: SSLError", "system store must not trust it"
+
+
+def test_an_operator_without_a_passwd_entry_is_named_from_the_login(monkeypatch):
+    import pwd
+
+    from tokensmith.compromise import operator_identity
+
+    def missing(uid):
+        raise KeyError(uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", missing)
+    monkeypatch.setenv("LOGNAME", "operator-from-login")
+    assert operator_identity() == {"uid": os.getuid(), "user": "operator-from-login"}
+    assert operator_identity(4_000_000)["user"] == "4000000"
+
+
+def test_the_audit_time_is_the_rotation_time_in_utc(tmp_path):
+    from tokensmith.compromise import append_audit
+
+    append_audit(tmp_path / "a" / "audit.log", {"time": 86400 * 365, "client": "c", "result": "rotated",
+                                                 "exit_code": 0, "ignored": "not an audit field"})
+    assert json.loads((tmp_path / "a" / "audit.log").read_text()) == {
+        "time": "1971-01-01T00:00:00Z", "client": "c", "result": "rotated", "exit_code": 0}
