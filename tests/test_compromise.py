@@ -604,17 +604,17 @@ class Resource:
     """A protected resource on loopback that answers per bearer token, records what it was sent,
     and can serve TLS."""
 
-    def __init__(self, answers, ssl_context=None):
+    def __init__(self, answers, ssl_context=None, default=401):
         import http.server
 
         resource = self
-        self.answers, self.seen = answers, []
+        self.answers, self.seen, self.default = answers, [], default
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 auth = self.headers.get("Authorization")
                 resource.seen.append(auth)
-                status, headers = resource.answers.get(auth, (401, {}))
+                status, headers = resource.answers.get(auth, (resource.default, {}))
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)
@@ -716,3 +716,152 @@ def test_the_audit_time_is_the_rotation_time_in_utc(tmp_path):
                                                  "exit_code": 0, "ignored": "not an audit field"})
     assert json.loads((tmp_path / "a" / "audit.log").read_text()) == {
         "time": "1971-01-01T00:00:00Z", "client": "c", "result": "rotated", "exit_code": 0}
+
+
+def test_a_failed_rotation_reports_nothing_done(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    server.fail_next(status=503)
+    result = rotate(keeper, tmp_path)
+    assert {key: result[key] for key in ("invalidation", "verification", "sinks", "hooks", "steps", "new_token")} == \
+        {"invalidation": "none", "verification": "unverified", "sinks": {}, "hooks": [], "steps": [], "new_token": None}
+
+
+def test_rotation_exchanges_even_under_the_reissue_strategy_and_reloads_on_request(server, tmp_path, caplog):
+    keeper = make_keeper(server, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    reads = keeper.source.reads
+    called = []
+    from tokensmith.compromise import rotate_compromised
+
+    with caplog.at_level("INFO", logger="tokensmith.keeper"):
+        result = rotate_compromised(keeper, reload_credentials=True, operator={"uid": 0, "user": "t"},
+                                    on_refreshed=lambda: called.append(keeper.state.access_token))
+    assert result["grant"] == "refresh_token" and result["invalidation"] == "refresh_exchange"
+    assert result["reload_credentials"] is True and keeper.source.reads == reads + 1
+    assert called == [keeper.state.access_token]
+    assert any("(compromised)" in r.getMessage() for r in caplog.records if getattr(r, "event", "") == "refreshed")
+    assert result["sinks"] == {"memory:a": "ok"}
+
+
+def test_metrics_without_a_compromise_counter_are_left_alone(server, tmp_path):
+    from tokensmith.compromise import rotate_compromised
+
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    assert rotate_compromised(keeper, metrics=object(), operator={"uid": 0, "user": "t"})["result"] == "rotated"
+
+
+def test_revocation_names_each_token_kind(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url, refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    hints = []
+    real_revoke = keeper.token_client.revoke
+    keeper.token_client.revoke = lambda token, hint, creds: (hints.append(hint), real_revoke(token, hint, creds))
+    rotate(keeper, tmp_path)
+    assert hints == ["access_token", "refresh_token"]
+
+
+def test_failed_revocations_are_listed_step_by_step(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, revocation_url=server.url + "/no-such-endpoint",
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    result = rotate(keeper, tmp_path)
+    assert [step["step"] for step in result["steps"]] == ["revoke_access_token", "revoke_refresh_token"]
+    assert all(step["result"].startswith("failed: revoke ") for step in result["steps"])
+
+
+def test_verify_url_sends_the_old_token_and_can_overrule_introspection(server, tmp_path, resource):
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url)
+    keeper.run_due()
+    old = keeper.state.access_token
+    still_open = resource({f"Bearer {old}": (200, {})})  # a resource that caches tokens, say
+    result = rotate(keeper, tmp_path, verify_url=still_open.url)
+    assert still_open.seen[0] == f"Bearer {old}" and still_open.seen[1] == f"Bearer {keeper.state.access_token}"
+    assert result["verify_url"] == "failed: old token got HTTP 200"
+    assert result["verification"] == "failed: old token got HTTP 200" and result["exit_code"] == 4
+
+
+def test_verify_url_cannot_overrule_failed_introspection(server, tmp_path, resource):
+    server.add_client("cc2", "cc2-secret")
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    old = keeper.state.access_token
+    r = resource({f"Bearer {old}": (401, {})}, default=200)  # the resource says the old token is refused
+    result = rotate(keeper, tmp_path, verify_url=r.url, accept_unrevoked=True)
+    assert server.is_active(old) and r.seen == [f"Bearer {old}", f"Bearer {keeper.state.access_token}"]
+    assert result["verify_url"] == "verified"
+    assert result["verification"] == "failed: old token still active" and result["exit_code"] == 4
+
+
+def test_verify_url_uses_the_clients_timeout_and_ca_bundle(server, tmp_path, resource):
+    import ssl
+
+    from test_tokenclient import self_signed
+
+    cert, key = self_signed(tmp_path, "resource")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    keeper = make_keeper(server, tmp_path, ca_bundle=str(cert), timeout=0.5)
+    keeper.run_due()
+    r = resource({}, ssl_context=context)
+    result = rotate(keeper, tmp_path, verify_url=r.url)
+    assert result["verify_url"] == "failed: new token got HTTP 401", "the TLS resource was not reached"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        hung = rotate(keeper, tmp_path, verify_url=f"http://127.0.0.1:{silent.getsockname()[1]}/r")
+    assert hung["verify_url"] == "error: ReadTimeout"
+
+
+def test_result_messages_say_what_happened(server, tmp_path):
+    from fakes import FailingSink
+
+    keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url)
+    first = rotate(keeper, tmp_path)
+    assert first["message"] == "there was no token to invalidate; a new one was written"
+    keeper.sinks = [FailingSink(5)]
+    sinks = rotate(keeper, tmp_path)
+    assert sinks["message"] == "old token invalidated by refresh_exchange+revocation; some sinks were not written"
+
+    class Hooks:
+        def run(self, client, token):
+            return [{"hook": "command:false", "ok": False}]
+
+    keeper.sinks, keeper.hooks = [], Hooks()
+    hooks = rotate(keeper, tmp_path)
+    assert hooks["message"] == "old token invalidated by refresh_exchange+revocation; a consumer hook failed"
+
+
+def test_the_unrevoked_message_says_until_when(server, tmp_path):
+    import time as _time
+
+    keeper = make_keeper(server, tmp_path, refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    expires = keeper.state.expires_at
+    result = rotate(keeper, tmp_path)
+    until = _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(expires))
+    assert result["message"] == f"the provider offers no way to invalidate the old token: it stays valid until {until}"
+
+
+def test_verification_failed_message(server, tmp_path):
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    assert rotate(keeper, tmp_path)["message"] == "the old token could not be shown to be invalid"
+
+
+def test_the_audit_log_is_sorted_json_in_new_directories_and_never_follows_a_link(tmp_path):
+    from tokensmith.compromise import append_audit
+
+    path = tmp_path / "a" / "b" / "audit.log"
+    append_audit(path, {"time": 0, "result": "rotated", "client": "c"})
+    assert path.read_text() == '{"client": "c", "result": "rotated", "time": "1970-01-01T00:00:00Z"}\n'
+    target = tmp_path / "elsewhere"
+    target.write_text("")
+    link = tmp_path / "a" / "link.log"
+    link.symlink_to(target)
+    with pytest.raises(OSError):
+        append_audit(link, {"time": 0, "result": "rotated"})
+    assert target.read_text() == ""
