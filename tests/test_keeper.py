@@ -702,3 +702,56 @@ def test_which_sinks_hold_the_token_is_saved_after_them_without_a_directory_fsyn
     fp = keeper.state.token.fingerprint
     assert saves == [(True, {}), (False, {"memory:a": fp})]
     assert StateStore(tmp_path / "state").load("c1").sinks_written == {"memory:a": fp}
+
+
+def test_sink_failures_are_reported_and_logged_by_name(server, clock, tmp_path, caplog):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(1), Broken("memory:broken"), MemorySink()])
+    with caplog.at_level("INFO", logger="tokensmith"):
+        outcome = keeper.refresh()
+    assert outcome.reason == "manual"
+    assert outcome.sinks == {"memory:failing": "memory:failing: injected failure 1",
+                             "memory:broken": "unexpected RuntimeError", "memory:a": None}
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "sink_failed"]
+    assert [(r.levelname, r.client, r.getMessage()) for r in failed] == [
+        ("ERROR", "c1", "sink memory:failing failed: memory:failing: injected failure 1"),
+        ("ERROR", "c1", "sink memory:broken raised unexpectedly")]
+    assert failed[1].exc_info is not None
+    assert any("(manual)" in r.getMessage() for r in caplog.records if getattr(r, "event", None) == "refreshed")
+
+
+def test_after_a_clean_write_no_sink_retry_is_pending(server, clock, tmp_path):
+    flaky = FailingSink(1)
+    keeper = make_keeper(server, clock, tmp_path, sinks=[flaky])
+    keeper.run_due()
+    assert keeper.sink_failures == 1 and keeper.sink_retry_at > clock()
+    keeper.refresh(reason="test")  # a new token: the failed write is moot, and this one lands
+    assert (keeper.sink_failures, keeper.sink_retry_at) == (0, 0.0)
+    assert flaky.current.access_token == keeper.state.access_token
+
+
+def test_a_state_that_cannot_be_saved_is_logged_and_shown(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.refresh(reason="test")
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"][:1]
+    message = f"cannot write state file {state_file}: Is a directory"
+    assert record.client == "c1" and record.getMessage() == (
+        f"{message}; the new token goes to the sinks, its refresh token stays unused until state can be saved")
+    assert keeper.status()["last_error"] == f"{message}; the new token was written to the sinks but is not durable"
+
+
+def test_a_failure_log_line_ends_with_the_error(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.run_due()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert record.getMessage().endswith("s more): password grant: HTTP 503 server_error")
