@@ -35,10 +35,15 @@ def test_random_sigkills_lose_nothing(tmp_path, report):
         first.process.wait()
         logs = [first]
         max_temps = 0
-        for _ in range(KILLS):
+        for kill in range(KILLS):
+            before = server.stats["issued"]
             daemon = project.start()
             logs.append(daemon)
             wait_for(daemon.socket_up, timeout=15, interval=0.005)
+            if kill % 2:
+                # every other run makes progress before its kill, however slow the machine is, so
+                # the kills land among refresh cycles rather than only in start-ups
+                wait_for(lambda: server.stats["issued"] > before, timeout=15, interval=0.005)
             time.sleep(rng.uniform(0.05, 0.7))
             daemon.process.send_signal(signal.SIGKILL)
             daemon.process.wait()
