@@ -1,6 +1,7 @@
 """The keeper's timing, grant choice, retries and fan-out, on a fake clock against the real
 stateful token endpoint over loopback."""
 
+import json
 import random
 
 import pytest
@@ -755,3 +756,89 @@ def test_a_failure_log_line_ends_with_the_error(server, clock, tmp_path, caplog)
         keeper.run_due()
     [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
     assert record.getMessage().endswith("s more): password grant: HTTP 503 server_error")
+
+
+def test_a_sink_check_that_can_recover_is_logged_and_one_that_cannot_is_raised(server, clock, tmp_path, caplog):
+    from tokensmith.errors import SinkError
+
+    class CheckFails(MemorySink):
+        def __init__(self, retryable):
+            super().__init__(f"memory:{retryable}")
+            self.retryable = retryable
+
+        def check(self):
+            raise SinkError(f"{self.name}: store down", retryable=self.retryable)
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[CheckFails(True)])
+    with caplog.at_level("WARNING", logger="tokensmith"):
+        keeper.check_sinks()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "sink_check_failed"]
+    assert record.client == "c1" and record.getMessage() == "sink check failed, will retry on write: memory:True: store down"
+    keeper.sinks = [CheckFails(False)]
+    with pytest.raises(SinkError):
+        keeper.check_sinks()
+
+
+def test_the_credential_fallback_and_the_unsaved_state_are_logged(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    keeper.source.fail = 1
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.refresh(reason="test")
+        keeper.state_unsaved = True
+        state_file = tmp_path / "state" / "c1.json"
+        state_file.unlink()
+        state_file.mkdir()
+        keeper.refresh(reason="test", exchange=True)
+    events = {r.event: r for r in caplog.records if getattr(r, "event", None) not in (None, "refreshed")}
+    assert events["source_fallback"].getMessage() == \
+        "credential source failed, using the last good credentials: static source: injected outage"
+    assert events["source_fallback"].levelname == "WARNING" and events["source_fallback"].client == "c1"
+    unsaved = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"][0]
+    assert unsaved.getMessage() == ("state still cannot be saved: not spending an unsaved refresh token; using the "
+                                    "password grant") and unsaved.levelname == "WARNING"
+
+
+def test_a_refresh_token_exactly_at_its_lifetime_is_not_presented(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 1000})
+    keeper.run_due()
+    clock.advance(1000)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        assert keeper.refresh(reason="test").grant == "password"
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_aged"]
+    assert record.getMessage() == "refresh token is 1000s old, past refresh_token_lifetime; using the password grant"
+
+
+def test_a_scheduled_exchange_is_counted_and_logged_as_scheduled(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    keeper.metrics = metrics = RecordingMetrics()
+    clock.advance(keeper.next_due() - clock())
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+    assert metrics.calls[0] == ("attempt", "c1", "refresh_token")
+    assert any("(scheduled)" in r.getMessage() for r in caplog.records if getattr(r, "event", None) == "refreshed")
+
+
+@pytest.mark.parametrize("status, body", [(400, '{"error": "invalid_scope"}'), (503, '{"error": "invalid_grant"}')])
+def test_a_refresh_token_refused_for_good_is_dropped_and_the_primary_grant_used(server, clock, tmp_path, status, body):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    server.fail_next(status=status, body=body)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "password" and outcome.fell_back == json.loads(body)["error"]
+
+
+def test_sink_failures_count_up_and_an_unexpected_one_counts_too(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(5)])
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.sink_failures == 2
+    other = make_keeper(server, clock, tmp_path / "other", sinks=[Broken("memory:broken")])
+    other.run_due()
+    assert other.sink_failures == 1 and other.sink_retry_at > clock()
