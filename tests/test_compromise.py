@@ -865,3 +865,19 @@ def test_the_audit_log_is_sorted_json_in_new_directories_and_never_follows_a_lin
     with pytest.raises(OSError):
         append_audit(link, {"time": 0, "result": "rotated"})
     assert target.read_text() == ""
+
+
+def test_verify_url_alone_can_verify(server, tmp_path):
+    keeper = make_keeper(server, tmp_path)
+    keeper.run_due()
+    result = rotate(keeper, tmp_path, verify_url=server.resource_url)
+    assert (result["verify_url"], result["verification"]) == ("verified", "verified")
+
+
+def test_when_both_checks_fail_the_resource_is_reported(server, tmp_path, resource):
+    keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                         refresh={"refresh_token_lifetime": 0.001})
+    keeper.run_due()
+    r = resource({f"Bearer {keeper.state.access_token}": (200, {})}, default=200)
+    result = rotate(keeper, tmp_path, verify_url=r.url)
+    assert result["verification"] == "failed: old token got HTTP 200" and result["exit_code"] == 4
