@@ -304,6 +304,7 @@ def test_a_paired_refresh_exchange_is_reported_as_the_invalidation(server, tmp_p
     assert {"step": "refresh_exchange", "result": "ok"} in result["steps"]
     assert not server.is_active(old) and server.is_active(keeper.state.access_token)
     assert result["old_token"] == fingerprint(old) and result["new_token"] == keeper.state.token.fingerprint
+    assert result["reload_credentials"] is False, "credentials are re-read only when asked"
 
 
 def test_an_unpaired_refresh_exchange_is_not_claimed_as_invalidation(tmp_path):
