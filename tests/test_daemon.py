@@ -43,8 +43,9 @@ def test_keeps_tokens_fresh_through_several_lifetimes(project, server):
                 token = current(name)
                 if not server.is_active(token):
                     # An exchange revokes the old token at the provider an instant before the sink
-                    # gets the new one (the seeds' semantics); that instant must stay short.
-                    wait_for(lambda: server.is_active(current(name)), timeout=0.25, interval=0.005)
+                    # gets the new one (the seeds' semantics); the sink must catch up. How short that
+                    # instant is, is a performance figure (docs/performance.md), not a timing window here.
+                    wait_for(lambda: server.is_active(current(name)), timeout=5, interval=0.005)
                     token = current(name)
                 seen[name].add(token)
             time.sleep(0.05)
@@ -66,7 +67,11 @@ def test_restart_keeps_the_fresh_token_and_continues_the_refresh_chain(project, 
     again = project.start()
     try:
         again.wait_ready()
-        time.sleep(0.5)
+        # the restarted daemon kept the token and scheduled its refresh for later, rather than
+        # refreshing now (a state to read, not a window to wait through)
+        [status] = json.loads(project.cli("status", "--json").stdout)["clients"]
+        assert status["token"] == fingerprint(token) and status["next_refresh"] > time.time() + 5
+        assert "kept token" in again.log
         assert project.token("form") == token and server.stats["issued"] == issued
         result = project.cli("rotate", "form")
         assert result.returncode == 0, result.stdout + result.stderr
@@ -118,7 +123,7 @@ def test_unusable_state_directory_exits_with_a_clear_error(project, tmp_path, re
     daemon = project.start()
     assert daemon.process.wait(15) == 73
     assert "state directory" in daemon.log
-    report.record('state directory unwritable at start', 'clear one-line error, exit 73 (EX_CANTCREAT)')
+    report.record('state directory unwritable at start', 'error naming the state directory, exit 73 (EX_CANTCREAT)')
 
 def test_a_missing_sink_directory_fails_before_the_first_refresh(project, server):
     client = project.add_client("c", lifetime=60)

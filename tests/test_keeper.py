@@ -1,6 +1,7 @@
 """The keeper's timing, grant choice, retries and fan-out, on a fake clock against the real
 stateful token endpoint over loopback."""
 
+import json
 import random
 
 import pytest
@@ -272,7 +273,8 @@ def test_failures_back_off_with_full_jitter_and_honour_retry_after(server, clock
         delays.append(keeper.next_due() - clock())
         clock.advance(delays[-1])
     caps = [1, 2, 4, 8, 8, 8]
-    assert all(0 < delay <= cap for delay, cap in zip(delays, caps))
+    assert all(0.05 <= delay <= cap for delay, cap in zip(delays, caps))
+    assert len(set(delays)) == len(delays), "the same delay every time is not jitter"
     server.fail_next(status=429, headers={"Retry-After": "30"})
     keeper.run_due()
     assert keeper.next_due() - clock() >= 30
@@ -344,3 +346,499 @@ def test_status_names_tokens_only_by_fingerprint(server, clock, tmp_path):
     text = str(keeper.status())
     assert keeper.state.access_token not in text and keeper.state.refresh_token not in text
     assert keeper.status()["token"] == keeper.state.token.fingerprint
+
+
+def test_backoff_is_full_jitter_between_the_floor_and_a_doubling_cap(server, clock, tmp_path):
+    """Full jitter: each retry waits uniformly between the 50 ms floor and the cap, which doubles
+    per failure up to backoff_max. Neither `delay = cap` (clients retry in lock-step) nor no
+    backoff at all (a retry storm against the provider) may pass."""
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 2, "backoff_max": 60})
+    error = TokenEndpointError("HTTP 503", client="c1", retryable=True)
+    for attempt, cap in [(1, 2), (2, 4), (3, 8), (4, 16), (5, 32), (6, 60), (40, 60)]:
+        delays = [keeper.backoff(attempt, error) for _ in range(400)]
+        assert all(0.05 <= delay <= cap for delay in delays), attempt
+        assert min(delays) < 0.15 * cap and max(delays) > 0.85 * cap, f"attempt {attempt} is not spread to the cap"
+        assert 0.4 * cap < sum(delays) / len(delays) < 0.6 * cap, f"attempt {attempt} is not uniform"
+
+
+def test_retries_through_the_keeper_wait_longer_as_failures_go_on(server, clock, tmp_path):
+    """On the fake clock: across clients, later retries wait longer on average and never pile up."""
+    waits = {attempt: [] for attempt in range(1, 7)}
+    for seed in range(30):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), seed=seed,
+                             refresh={"backoff_initial": 1, "backoff_max": 16})
+        for attempt in range(1, 7):
+            server.fail_next(status=503)
+            keeper.run_due()
+            assert keeper.failures == attempt
+            waits[attempt].append(keeper.next_due() - clock())
+            clock.advance(waits[attempt][-1])
+        server.fail_next(0)
+    means = [sum(values) / len(values) for values in waits.values()]
+    assert means == sorted(means) and means[-1] > 5, f"no exponential backoff: {means}"
+    assert all(len(set(round(w, 3) for w in values)) > 20 for values in waits.values()), "retries in lock-step"
+
+
+def test_a_non_retryable_failure_waits_up_to_the_longest_backoff(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 1, "backoff_max": 100})
+    error = TokenEndpointError("invalid_client", client="c1", retryable=False)
+    delays = [keeper.backoff(1, error) for _ in range(200)]
+    assert max(delays) > 50 and all(delay <= 100 for delay in delays)
+
+
+def test_retry_after_is_a_lower_bound_not_a_replacement(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"backoff_initial": 1, "backoff_max": 100})
+    error = TokenEndpointError("HTTP 429", client="c1", retryable=True, retry_after=3)
+    delays = [keeper.backoff(7, error) for _ in range(200)]
+    assert min(delays) >= 3 and max(delays) > 50
+
+
+def test_an_unsaved_refresh_token_is_never_spent_while_state_cannot_be_saved(server, clock, tmp_path):
+    """Nothing lost: a refresh token reaches the provider only once it is durable. While the state
+    file cannot be replaced (here: a directory stands at its path, which stops root too) the keeper
+    uses the primary grant instead of spending the refresh token it could not save."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()  # the exchange spends the durable refresh token; the new one cannot be saved
+    assert keeper.state.last_grant == "refresh_token" and keeper.state_unsaved
+    unsaved = keeper.state.refresh_token
+    exchanges = server.stats["refresh_exchanges"]
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "password", "an unsaved refresh token was spent"
+    assert server.stats["refresh_exchanges"] == exchanges
+    assert keeper.state_unsaved and server.is_active(keeper.state.access_token)
+    assert keeper.state.refresh_token != unsaved
+    state_file.rmdir()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "refresh_token" and not keeper.state_unsaved
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_a_dead_refresh_token_that_cannot_be_forgotten_on_disk_is_not_presented_again(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    TokenClient(keeper.client, clock=clock).obtain("refresh_token", keeper.source.creds,
+                                                   refresh_token=keeper.state.refresh_token)
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.fell_back == "invalid_grant" and keeper.state_unsaved
+    reuse = server.stats["refresh_reuse"]
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "password" and outcome.fell_back is None
+    assert server.stats["refresh_reuse"] == reuse
+
+
+def test_a_refresh_continues_the_chain_another_process_moved_on(server, clock, tmp_path):
+    """A CLI rotating without the daemon writes the state file; the daemon's keeper reads it back
+    before its next refresh instead of presenting the refresh token that was spent meanwhile."""
+    daemon_side = make_keeper(server, clock, tmp_path)
+    daemon_side.run_due()
+    cli_side = make_keeper(server, clock, tmp_path)
+    clock.advance(1)
+    assert cli_side.refresh(reason="cli").grant == "refresh_token"
+    moved_on = cli_side.state.access_token
+    outcome = daemon_side.refresh(reason="scheduled")
+    assert outcome.ok and outcome.grant == "refresh_token" and outcome.fell_back is None
+    assert outcome.old_token.access_token == moved_on, "the keeper did not reload the newer state"
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_an_older_state_file_does_not_roll_the_keeper_back(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    older = keeper.store.load("c1")
+    clock.advance(5)
+    keeper.refresh(reason="test")
+    newer = keeper.state.access_token
+    other = StateStore(tmp_path / "state")
+    other.save("c1", older)  # e.g. a stale writer puts back what it had
+    clock.advance(5)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.old_token.access_token == newer and outcome.fell_back is None
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.calls = []
+
+    def refresh_attempt(self, client, grant):
+        self.calls.append(("attempt", client, grant))
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        assert seconds >= 0
+        self.calls.append(("result", client, ok, reason, token.fingerprint if token else None))
+
+    def sink_failure(self, client, sink_type):
+        self.calls.append(("sink_failure", client, sink_type))
+
+
+def test_status_before_any_token_and_after_one(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    assert keeper.status() == {"client": "c1", "token": None, "expires_at": None, "valid": False, "last_refresh": None,
+                               "last_grant": None, "next_refresh": None, "refresh_token_held": False, "failures": 0,
+                               "last_error": None, "alert": None, "sinks_pending": []}
+    assert not keeper.ready()
+    clock.advance(0.5)
+    keeper.run_due()
+    state = keeper.state
+    assert keeper.status() == {"client": "c1", "token": state.token.fingerprint, "expires_at": int(state.expires_at),
+                               "valid": True, "last_refresh": int(clock()), "last_grant": "password",
+                               "next_refresh": int(keeper.next_due()), "refresh_token_held": True, "failures": 0,
+                               "last_error": None, "alert": None, "sinks_pending": []}
+    assert keeper.ready()
+    clock.advance(state.expires_at - clock())
+    assert keeper.status()["valid"] is False and not keeper.ready(), "a token at its expiry instant is not valid"
+
+
+def test_status_and_metrics_after_failures(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(1)])
+    keeper.metrics = metrics = RecordingMetrics()
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    keeper.run_due()
+    status = keeper.status()
+    assert status["failures"] == 1 and status["token"] is None and status["next_refresh"] == int(keeper.retry_at)
+    assert "503" in status["last_error"] and keeper.state.last_error_at == clock()
+    assert keeper.retry_at > clock() and keeper.next_due() == keeper.retry_at
+    assert metrics.calls == [("attempt", "c1", "password"), ("result", "c1", False, "server_error", None)]
+    clock.advance(keeper.next_due() - clock())
+    metrics.calls.clear()
+    keeper.run_due()
+    assert metrics.calls == [("attempt", "c1", "password"), ("result", "c1", True, "ok", keeper.state.token.fingerprint),
+                             ("sink_failure", "c1", "memory")]
+    assert keeper.status()["sinks_pending"] == ["memory:failing"] and keeper.failures == 0
+    assert not keeper.ready() and keeper.sink_failures == 1
+    assert clock() < keeper.next_due() == keeper.sink_retry_at <= clock() + 1
+
+
+def test_failures_are_logged_with_their_level_and_event(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials")
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+        server.set_client_secret("app", "changed")
+        clock.advance(keeper.next_due() - clock())
+        keeper.run_due()
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert [(r.levelname, r.reason, r.client) for r in failed] == [("ERROR", "server_error", "c1"),
+                                                                   ("CRITICAL", "invalid_client", "c1")]
+    assert failed[0].getMessage().startswith("refresh failed (attempt 1, retry in ")
+    assert "current token valid for 0s more" in failed[1].getMessage()
+    assert keeper.state.alert.startswith("invalid_client: ")
+
+
+def test_a_refresh_is_logged_with_both_fingerprints(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+        old = keeper.state.token
+        keeper.refresh(reason="manual")
+    refreshed = [r for r in caplog.records if getattr(r, "event", None) == "refreshed"]
+    assert len(refreshed) == 2 and all(r.client == "c1" for r in refreshed)
+    assert refreshed[1].getMessage().startswith(f"new token {keeper.state.token.fingerprint} via refresh_token grant "
+                                                "(manual)")
+    assert refreshed[1].getMessage().endswith(f" replacing {old.fingerprint}")
+    assert " replacing " not in refreshed[0].getMessage()
+
+
+def test_the_refresh_token_fallbacks_are_logged(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 100})
+    keeper.run_due()
+    TokenClient(keeper.client, clock=clock).obtain("refresh_token", keeper.source.creds,
+                                                   refresh_token=keeper.state.refresh_token)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.refresh(reason="test")
+        clock.advance(101)
+        keeper.refresh(reason="test")
+    events = [(r.event, r.levelname) for r in caplog.records if getattr(r, "event", None) != "refreshed"]
+    assert events == [("refresh_token_rejected", "WARNING"), ("refresh_token_aged", "INFO")]
+
+
+def test_a_sink_that_raises_unexpectedly_does_not_stop_the_others(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    good = MemorySink("memory:good")
+    keeper = make_keeper(server, clock, tmp_path, sinks=[Broken("memory:broken"), good])
+    keeper.metrics = metrics = RecordingMetrics()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.sinks == {"memory:broken": "unexpected RuntimeError", "memory:good": None}
+    assert not outcome.sinks_ok and good.current.access_token == keeper.state.access_token
+    assert ("sink_failure", "c1", "memory") in metrics.calls
+    assert keeper.pending_sinks() == [keeper.sinks[0]]
+
+
+def token_at(obtained, lifetime):
+    from tokensmith.tokens import Token
+
+    return Token(access_token="t", token_type="Bearer", obtained_at=obtained, expires_at=obtained + lifetime)
+
+
+def schedules(server, clock, tmp_path, refresh, lifetime, *, catching_up=False, n=200):
+    keeper = make_keeper(server, clock, tmp_path, refresh=refresh)
+    return [keeper.schedule_for(token_at(1000.0, lifetime), catching_up=catching_up) - 1000.0 for _ in range(n)]
+
+
+def test_a_sub_second_token_is_refreshed_before_it_expires(server, clock, tmp_path):
+    dues = schedules(server, clock, tmp_path, {"min_lead": 60, "jitter": 0.1}, 0.5)
+    assert all(0 < due < 0.5 for due in dues)
+
+
+def test_min_lead_is_never_overrun_even_when_only_the_jitter_would_cross_it(server, clock, tmp_path):
+    # target 480 s, spread 60 s, latest 480 s: target - spread is before the limit, target + spread after it
+    dues = schedules(server, clock, tmp_path, {"at_fraction": 0.8, "jitter": 0.1, "min_lead": 120}, 600)
+    assert all(due <= 480 for due in dues) and min(dues) < 400
+
+
+def test_a_wide_jitter_never_schedules_a_refresh_before_five_percent_of_the_lifetime(server, clock, tmp_path):
+    dues = schedules(server, clock, tmp_path, {"at_fraction": 0.9, "jitter": 0.45, "min_lead": 600}, 600)
+    assert all(due >= 30 for due in dues) and dues.count(30) > 10
+
+
+@pytest.mark.parametrize("at_fraction, earliest", [(0.5, 0.25), (0.9, 0.4)])
+def test_a_first_token_is_spread_from_the_earliest_point(server, clock, tmp_path, at_fraction, earliest):
+    """Catching up: uniform from min(0.4, at_fraction / 2) of the lifetime to the usual latest point."""
+    dues = schedules(server, clock, tmp_path, {"at_fraction": at_fraction, "jitter": 0, "min_lead": 0}, 1000,
+                     catching_up=True)
+    assert all(earliest * 1000 <= due <= at_fraction * 1000 for due in dues)
+    assert min(dues) < (earliest + 0.02) * 1000 and max(dues) > (at_fraction - 0.02) * 1000
+
+
+def test_a_manual_exchange_and_a_credential_reload_are_honoured(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    reads = keeper.source.reads
+    outcome = keeper.refresh(reason="compromised", exchange=True)
+    assert outcome.grant == "refresh_token" and outcome.exchanged_refresh_token
+    assert keeper.source.reads == reads, "an exchange reads the credentials only when asked"
+    assert outcome.new_token.access_token == keeper.state.access_token
+    keeper.refresh(exchange=True, reload_credentials=True)
+    assert keeper.source.reads == reads + 1
+
+
+def test_the_state_records_the_token_as_the_provider_issued_it(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, grant="client_credentials")
+    server.fail_next(status=200, body='{"access_token": "dpop-bound-token", "token_type": "DPoP", "expires_in": 600}')
+    keeper.run_due()
+    saved = StateStore(tmp_path / "state").load("c1")
+    assert (saved.token_type, saved.client_id, saved.last_grant) == ("DPoP", "app", "client_credentials")
+    assert saved.access_token == "dpop-bound-token" and saved.last_refresh == clock()
+    assert keeper.sinks[0].current.token_type == "DPoP"
+
+
+def test_a_non_rotating_refresh_token_is_kept_with_its_own_age(server, clock, tmp_path):
+    """A provider that does not rotate refresh tokens returns none on an exchange: the held one is
+    kept, and keeps the time it was issued (which is what tells compromise rotation it is unpaired)."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    held, issued_at = keeper.state.refresh_token, keeper.state.refresh_token_obtained_at
+    server.issue_refresh_tokens = False
+    clock.advance(10)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.grant == "refresh_token" and outcome.new_token.refresh_token is None
+    assert keeper.state.refresh_token == held and keeper.state.refresh_token_obtained_at == issued_at
+    assert keeper.state.obtained_at == issued_at + 10
+
+
+def test_a_new_token_without_a_refresh_token_from_another_grant_drops_the_old_one(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    server.issue_refresh_tokens = False
+    keeper.refresh(reason="test")
+    assert keeper.state.last_grant == "password" and keeper.state.refresh_token is None
+    assert keeper.status()["refresh_token_held"] is False
+
+
+def test_a_failure_while_holding_a_token_says_how_long_it_stays_valid(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    clock.advance(100)
+    server.fail_next(status=500, body='{"error": "server_error"}')
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.refresh(reason="test")
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert "current token valid for 500s more" in record.getMessage()
+    assert keeper.state.alert is None and keeper.status()["valid"]
+
+
+def test_a_source_failure_is_counted_under_its_error_type(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.metrics = metrics = RecordingMetrics()
+    keeper.source.fail = 1
+    keeper.run_due()
+    assert metrics.calls == [("result", "c1", False, "SourceError", None)]
+    assert keeper.state.alert is None and "injected outage" in keeper.state.last_error
+
+
+def test_a_retry_reaches_a_pending_sink_behind_one_already_written(server, clock, tmp_path):
+    good, flaky = MemorySink("memory:good"), FailingSink(1, "memory:flaky")
+    keeper = make_keeper(server, clock, tmp_path, sinks=[good, flaky])
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert flaky.current.access_token == keeper.state.access_token and len(good.tokens) == 1
+
+
+def test_which_sinks_hold_the_token_is_saved_after_them_without_a_directory_fsync(server, clock, tmp_path):
+    """The durable save (new refresh token) syncs the directory; the later record of which sinks
+    hold the token may be lost in a crash (the sinks are then rewritten), so it skips that fsync."""
+    keeper = make_keeper(server, clock, tmp_path, sinks=[MemorySink("memory:a")])
+    saves = []
+    real_save = keeper.store.save
+
+    def save(client, state, **kwargs):
+        saves.append((kwargs.get("sync_dir", True), dict(state.sinks_written)))
+        real_save(client, state, **kwargs)
+
+    keeper.store.save = save
+    keeper.run_due()
+    fp = keeper.state.token.fingerprint
+    assert saves == [(True, {}), (False, {"memory:a": fp})]
+    assert StateStore(tmp_path / "state").load("c1").sinks_written == {"memory:a": fp}
+
+
+def test_sink_failures_are_reported_and_logged_by_name(server, clock, tmp_path, caplog):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(1), Broken("memory:broken"), MemorySink()])
+    with caplog.at_level("INFO", logger="tokensmith"):
+        outcome = keeper.refresh()
+    assert outcome.reason == "manual"
+    assert outcome.sinks == {"memory:failing": "memory:failing: injected failure 1",
+                             "memory:broken": "unexpected RuntimeError", "memory:a": None}
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "sink_failed"]
+    assert [(r.levelname, r.client, r.getMessage()) for r in failed] == [
+        ("ERROR", "c1", "sink memory:failing failed: memory:failing: injected failure 1"),
+        ("ERROR", "c1", "sink memory:broken raised unexpectedly")]
+    assert failed[1].exc_info is not None
+    assert any("(manual)" in r.getMessage() for r in caplog.records if getattr(r, "event", None) == "refreshed")
+
+
+def test_after_a_clean_write_no_sink_retry_is_pending(server, clock, tmp_path):
+    flaky = FailingSink(1)
+    keeper = make_keeper(server, clock, tmp_path, sinks=[flaky])
+    keeper.run_due()
+    assert keeper.sink_failures == 1 and keeper.sink_retry_at > clock()
+    keeper.refresh(reason="test")  # a new token: the failed write is moot, and this one lands
+    assert (keeper.sink_failures, keeper.sink_retry_at) == (0, 0.0)
+    assert flaky.current.access_token == keeper.state.access_token
+
+
+def test_a_state_that_cannot_be_saved_is_logged_and_shown(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    state_file = tmp_path / "state" / "c1.json"
+    state_file.unlink()
+    state_file.mkdir()
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.refresh(reason="test")
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"][:1]
+    message = f"cannot write state file {state_file}: Is a directory"
+    assert record.client == "c1" and record.getMessage() == (
+        f"{message}; the new token goes to the sinks, its refresh token stays unused until state can be saved")
+    assert keeper.status()["last_error"] == f"{message}; the new token was written to the sinks but is not durable"
+
+
+def test_a_failure_log_line_ends_with_the_error(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    server.fail_next(status=503, body='{"error": "server_error"}')
+    with caplog.at_level("ERROR", logger="tokensmith"):
+        keeper.run_due()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert record.getMessage().endswith("s more): password grant: HTTP 503 server_error")
+
+
+def test_a_sink_check_that_can_recover_is_logged_and_one_that_cannot_is_raised(server, clock, tmp_path, caplog):
+    from tokensmith.errors import SinkError
+
+    class CheckFails(MemorySink):
+        def __init__(self, retryable):
+            super().__init__(f"memory:{retryable}")
+            self.retryable = retryable
+
+        def check(self):
+            raise SinkError(f"{self.name}: store down", retryable=self.retryable)
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[CheckFails(True)])
+    with caplog.at_level("WARNING", logger="tokensmith"):
+        keeper.check_sinks()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "sink_check_failed"]
+    assert record.client == "c1" and record.getMessage() == "sink check failed, will retry on write: memory:True: store down"
+    keeper.sinks = [CheckFails(False)]
+    with pytest.raises(SinkError):
+        keeper.check_sinks()
+
+
+def test_the_credential_fallback_and_the_unsaved_state_are_logged(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "reissue"})
+    keeper.run_due()
+    keeper.source.fail = 1
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.refresh(reason="test")
+        keeper.state_unsaved = True
+        state_file = tmp_path / "state" / "c1.json"
+        state_file.unlink()
+        state_file.mkdir()
+        keeper.refresh(reason="test", exchange=True)
+    events = {r.event: r for r in caplog.records if getattr(r, "event", None) not in (None, "refreshed")}
+    assert events["source_fallback"].getMessage() == \
+        "credential source failed, using the last good credentials: static source: injected outage"
+    assert events["source_fallback"].levelname == "WARNING" and events["source_fallback"].client == "c1"
+    unsaved = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"][0]
+    assert unsaved.getMessage() == ("state still cannot be saved: not spending an unsaved refresh token; using the "
+                                    "password grant") and unsaved.levelname == "WARNING"
+
+
+def test_a_refresh_token_exactly_at_its_lifetime_is_not_presented(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 1000})
+    keeper.run_due()
+    clock.advance(1000)
+    with caplog.at_level("INFO", logger="tokensmith"):
+        assert keeper.refresh(reason="test").grant == "password"
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_aged"]
+    assert record.getMessage() == "refresh token is 1000s old, past refresh_token_lifetime; using the password grant"
+
+
+def test_a_scheduled_exchange_is_counted_and_logged_as_scheduled(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    keeper.metrics = metrics = RecordingMetrics()
+    clock.advance(keeper.next_due() - clock())
+    with caplog.at_level("INFO", logger="tokensmith"):
+        keeper.run_due()
+    assert metrics.calls[0] == ("attempt", "c1", "refresh_token")
+    assert any("(scheduled)" in r.getMessage() for r in caplog.records if getattr(r, "event", None) == "refreshed")
+
+
+@pytest.mark.parametrize("status, body", [(400, '{"error": "invalid_scope"}'), (503, '{"error": "invalid_grant"}')])
+def test_a_refresh_token_refused_for_good_is_dropped_and_the_primary_grant_used(server, clock, tmp_path, status, body):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.run_due()
+    server.fail_next(status=status, body=body)
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "password" and outcome.fell_back == json.loads(body)["error"]
+
+
+def test_sink_failures_count_up_and_an_unexpected_one_counts_too(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[FailingSink(5)])
+    keeper.run_due()
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.sink_failures == 2
+    other = make_keeper(server, clock, tmp_path / "other", sinks=[Broken("memory:broken")])
+    other.run_due()
+    assert other.sink_failures == 1 and other.sink_retry_at > clock()

@@ -229,3 +229,107 @@ def test_state_file_with_wrongly_typed_fields_is_treated_as_corrupt(store, field
     with pytest.raises(StateError):
         store.load("billing-api")
     assert not store.path("billing-api").exists()
+
+
+# ---- what the keeper relies on: change detection, durability, errors that name the client
+
+from tokensmith import fsutil  # noqa: E402
+from tokensmith.state import check_types  # noqa: E402
+
+
+@pytest.mark.parametrize("field", ["obtained_at", "access_token", "sinks_written"])
+def test_check_types_names_the_bad_field(field):
+    state = full_state()
+    setattr(state, field, True if field != "sinks_written" else {"file:/a": 1})
+    with pytest.raises(TypeError) as info:
+        check_types(state)
+    assert str(info.value) == field
+
+
+def test_sinks_written_needs_string_keys_and_values():
+    for bad in ({1: "abc"}, {"file:/a": None}):
+        state = full_state()
+        state.sinks_written = bad
+        with pytest.raises(TypeError, match="^sinks_written$"):
+            check_types(state)
+
+
+def test_prepare_tightens_a_directory_open_to_group_and_others_only(tmp_path):
+    directory = tmp_path / "state"
+    directory.mkdir()
+    os.chmod(directory, 0o077)
+    StateStore(directory).prepare()
+    assert mode_of(directory) == 0o700
+
+
+def test_prepare_error_gives_the_reason_not_the_exception(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(StateError) as info:
+        StateStore(blocker / "state").prepare()
+    assert str(info.value) == f"state directory {blocker / 'state'} is not usable: Not a directory"
+
+
+def test_load_if_changed_skips_the_file_this_store_wrote_or_read(store, tmp_path):
+    assert store.load_if_changed("billing-api") is None  # no file
+    store.save("billing-api", full_state())
+    assert store.load_if_changed("billing-api") is None, "re-read the file it had just written"
+    other = StateStore(store.directory)
+    changed = full_state()
+    changed.access_token = "access-Value-9"
+    other.save("billing-api", changed)
+    assert store.load_if_changed("billing-api").access_token == "access-Value-9"
+    assert store.load_if_changed("billing-api") is None, "re-read the file it had just read"
+    reader = StateStore(store.directory)
+    reader.load("billing-api")
+    assert reader.load_if_changed("billing-api") is None
+    assert other.load_if_changed("other-client") is None
+
+
+def test_load_if_changed_raises_a_state_error_when_the_directory_is_gone(store, tmp_path):
+    store.save("billing-api", full_state())
+    store.directory.rename(tmp_path / "moved")
+    store.directory.write_text("not a directory")
+    with pytest.raises(StateError) as info:
+        store.load_if_changed("billing-api")
+    assert info.value.client == "billing-api"
+    assert str(info.value).endswith(f"cannot read state file {store.directory}/billing-api.json: Not a directory")
+
+
+def test_an_unreadable_or_corrupt_state_file_error_names_the_client(store):
+    store.path("billing-api").write_text("{")
+    with pytest.raises(StateError) as info:
+        store.load("billing-api")
+    assert info.value.client == "billing-api"
+
+
+def test_save_error_names_the_client_and_the_reason(store):
+    store.path("billing-api").mkdir()
+    with pytest.raises(StateError) as info:
+        store.save("billing-api", full_state())
+    assert info.value.client == "billing-api"
+    assert info.value.message == f"cannot write state file {store.path('billing-api')}: Is a directory"
+
+
+def test_save_syncs_the_directory_unless_told_not_to(store, monkeypatch):
+    synced = []
+    real_fsync_dir = fsutil.fsync_dir
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda d: (synced.append(str(d)), real_fsync_dir(d)))
+    store.save("billing-api", full_state())
+    assert synced == [str(store.directory)]
+    store.save("billing-api", full_state(), sync_dir=False)
+    assert synced == [str(store.directory)]
+
+
+def test_the_daemon_lock_file_is_created_0600(tmp_path):
+    old = os.umask(0)
+    try:
+        store = StateStore(tmp_path / "fresh")
+        store.prepare()
+        fd = store.try_daemon_lock()
+    finally:
+        os.umask(old)
+    try:
+        assert isinstance(fd, int) and mode_of(store.directory / "daemon.lock") == 0o600
+    finally:
+        os.close(fd)

@@ -335,7 +335,7 @@ def test_oversized_response_is_refused(oauth, report):
     error = expect_error(TokenClient(client_config(oauth.token_url)))
     assert "refused" in str(error)
     assert error.error == "oversized_response"
-    report.record('token response larger than 64 KiB', 'cut off at the cap; typed error, nothing written')
+    report.record('token response larger than 64 KiB', 'refused with a typed error (oversized_response); no token returned')
 
 @pytest.mark.security(threat="hostile or slow provider", claim="A redirect from the token endpoint is not followed: "
                                                                "the credentials never reach the redirect target.")
@@ -728,15 +728,15 @@ def test_tls_with_the_right_ca_bundle_succeeds(tls_server, report):
 def test_tls_with_an_unrelated_ca_bundle_fails_verification(tls_server, tmp_path, report):
     other, _ = self_signed(tmp_path, "other")
     error = expect_error(TokenClient(client_config(tls_server.url + "/t", ca_bundle=other)))
-    assert "TLS" in str(error)
+    assert "TLS verification failed" in str(error)
     assert tls_server.requests == []  # nothing, credentials least of all, went over the unverified channel
     report.record('TLS endpoint with a certificate outside the configured CA bundle', 'refused (verification on, CA bundle honoured)')
 
 def test_tls_with_a_nonexistent_ca_bundle_is_a_typed_error(tls_server, tmp_path):
     missing = tmp_path / "no-such-ca.pem"
     error = expect_error(TokenClient(client_config(tls_server.url + "/t", ca_bundle=missing)))
-    assert "TLS" in str(error) or str(missing) in str(error)
-    assert tls_server.requests == []
+    assert "TLS setup failed: cannot load CA bundle" in str(error) and str(missing) in str(error)
+    assert "verification" not in str(error) and tls_server.requests == []
 
 
 # ---- parse_token_response
@@ -851,7 +851,7 @@ def test_jwt_with_alg_none_does_not_crash(report):
     token_value = b64(b'{"alg":"none","typ":"JWT"}') + "." + b64(json.dumps({"exp": SENT_AT + 100}).encode()) + "."
     token = parse({"access_token": token_value, "expires_in": 3600})
     assert 0 < token.lifetime <= 3600
-    report.record('JWT access token with alg none', 'no crash; lifetime from expires_in/exp')
+    report.record('JWT access token with alg none', 'no crash; a token whose lifetime is positive and no longer than expires_in')
 
 def test_jwt_with_garbage_signature_still_gives_its_exp(report):
     header, payload, _ = make_jwt(exp=int(SENT_AT) + 100).split(".")
@@ -968,3 +968,84 @@ def test_fuzzed_responses_give_a_token_or_a_typed_error(report):
     report.record('hypothesis: arbitrary token-response bodies (bytes, JSON, hostile JWTs)', 'always a Token with a future expiry or a one-line typed error naming the client; never a crash', cases=len(cases))
 
 
+
+
+# ---- parse_token_response and friends: exact errors and boundaries (kills the mutants that
+# scripts/mutation found surviving; docs/testing.md)
+
+from tokensmith.tokenclient import _describe, _number, parse_retry_after  # noqa: E402
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{", "body is not JSON"),
+    (b"[1]", "body is not a JSON object"),
+    (b'{"token_type": "Bearer"}', "access_token is missing"),
+    (b'{"access_token": "a b"}', "access_token holds characters a token cannot have"),
+    (b'{"access_token": "abc", "token_type": 7}', "token_type is not a short string"),
+    (b'{"access_token": "abc", "refresh_token": 7}', "refresh_token is not a token string"),
+    (b'{"access_token": "abc", "expires_in": "soon"}', "expires_in is not a number"),
+    (b'{"access_token": "abc", "expires_in": 0.5}', "expires_in is under one second"),
+])
+def test_a_malformed_response_names_client_and_field_in_one_line(body, message):
+    with pytest.raises(TokenEndpointError) as info:
+        parse(body)
+    assert str(info.value) == f"client billing-api: malformed token response: {message}"
+    assert info.value.error == "malformed_response" and info.value.retryable is True
+
+
+def test_an_expired_jwt_error_says_to_check_the_clocks():
+    with pytest.raises(TokenEndpointError) as info:
+        parse({"access_token": make_jwt(exp=int(SENT_AT))})  # exp == sent_at is already expired
+    assert str(info.value) == ("client billing-api: malformed token response: access_token is a JWT that has "
+                               "already expired (check the clocks)")
+
+
+def test_size_limits_are_inclusive():
+    assert parse({"access_token": "a" * 16384}).access_token == "a" * 16384
+    with pytest.raises(TokenEndpointError):
+        parse({"access_token": "a" * 16385})
+    assert parse({"access_token": "abc", "token_type": "T" * 64}).token_type == "T" * 64
+    with pytest.raises(TokenEndpointError):
+        parse({"access_token": "abc", "token_type": "T" * 65})
+
+
+def test_one_second_is_the_shortest_lifetime_taken():
+    assert parse({"access_token": "abc", "expires_in": 1}).lifetime == 1
+    assert parse({"access_token": "abc", "expires_in": 1.5}).lifetime == 1.5
+
+
+def test_a_scope_that_is_not_a_string_is_dropped():
+    assert parse({"access_token": "abc", "scope": ["read"]}).scope is None
+    assert parse({"access_token": "abc", "scope": "read write"}).scope == "read write"
+
+
+def test_expires_in_takes_only_ascii_digits():
+    with pytest.raises(TokenEndpointError, match="expires_in is not a number"):
+        parse({"access_token": "abc", "expires_in": "\u0663\u0666\u0660\u0660"})  # Arabic-Indic 3600
+
+
+def test_numbers_too_big_for_a_float_are_not_numbers():
+    assert _number(2 ** 1023) is None and _number(2 ** 1024 - 1) is None
+    assert _number(2 ** 1022) == float(2 ** 1022)
+
+
+@pytest.mark.parametrize("claims", [{"nbf": SENT_AT + 10 ** 6}, {"iat": SENT_AT + 10 ** 6}, {"aud": "someone-else"}])
+def test_jwt_claims_we_are_not_the_audience_for_are_not_checked(claims):
+    """nbf, iat and aud are for the resource server; only exp is read, and it still counts."""
+    token = parse({"access_token": make_jwt(exp=int(SENT_AT) + 100, **claims), "expires_in": 3600})
+    assert token.lifetime == 100
+
+
+def test_retry_after_is_capped_at_an_hour_and_never_negative():
+    now = 1_800_000_000.0
+    assert parse_retry_after("7200", now) == 3600.0 and parse_retry_after("3599", now) == 3599.0
+    assert parse_retry_after(formatdate(now + 7200, usegmt=True), now) == 3600.0
+    assert parse_retry_after(formatdate(now - 60, usegmt=True), now) == 0.0
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now) == 30.0
+
+
+def test_describe_redacts_secrets_and_token_like_words_and_keeps_one_short_line():
+    assert _describe("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret [redacted] here"
+    assert _describe("token abcdefghijklmnopqrstuvwxyz0123 seen", []) == "token [redacted] seen"
+    assert _describe("two\nlines\x00", []) == "two lines "
+    assert _describe("word " * 100, []) == ("word " * 40)[:200]

@@ -124,12 +124,29 @@ def test_full_state_directory_still_gets_consumers_a_fresh_token(tmp_path, tmpfs
             assert (tmp_path / "c.token").read_text() == keeper.state.access_token
             assert server.is_active(keeper.state.access_token)
             assert keeper.state_unsaved and "not durable" in keeper.status()["last_error"]
+            unsaved = keeper.state.refresh_token
+            exchanges = server.stats["refresh_exchanges"]
+            refreshes_while_full = 0
+            for _ in range(2):  # the disk is still full: the next refreshes must not spend `unsaved`
+                clock.advance(keeper.next_due() - clock())
+                keeper.run_due()
+                refreshes_while_full += 1
+                assert keeper.state.last_grant == "password", "a refresh token that is not durable was spent"
+                assert (tmp_path / "c.token").read_text() == keeper.state.access_token
+                assert server.is_active(keeper.state.access_token) and keeper.state_unsaved
+            exchanges_while_full = server.stats["refresh_exchanges"] - exchanges
+            assert exchanges_while_full == 0
+            assert unsaved not in (tmpfs / "state" / "c.json").read_text()
         finally:
             (tmpfs / "ballast").unlink()
         clock.advance(keeper.next_due() - clock())
         keeper.run_due()
-        assert not keeper.state_unsaved
-        assert (tmpfs / "state" / "c.json").read_text() != saved
+        assert not keeper.state_unsaved and keeper.state.last_grant == "refresh_token"
+        assert keeper.state.access_token in (tmpfs / "state" / "c.json").read_text()
         assert server.stats["refresh_reuse"] == 0
-        report.record("state directory full mid-run", "sinks still get fresh tokens; the unsaved refresh token "
-                      "is not spent until state is durable again", refresh_token_reuse=0)
+        report.record("state directory full mid-run (256 KiB tmpfs)",
+                      "sinks still get fresh tokens; while the disk stays full, refreshes use the primary grant "
+                      "instead of spending the refresh token that could not be saved; the exchange resumes once "
+                      "state is durable", refreshes_while_full=refreshes_while_full,
+                      exchanges_while_full=exchanges_while_full,
+                      refresh_token_reuse=server.stats["refresh_reuse"])

@@ -197,25 +197,73 @@ def test_check_fails_for_a_missing_directory(tmp_path):
     assert "billing-api" in str(error) and error.retryable is False
 
 
-def test_check_fails_for_an_unwritable_directory(tmp_path):
-    if os.geteuid() == 0:
-        # root writes anywhere; a parent that is a regular file is unwritable even for root.
-        parent = tmp_path / "a-file"
-        parent.write_text("")
-        path = parent / "api.token"
-        with pytest.raises(SinkError) as info:
-            sink(path).check()
-    else:
-        directory = tmp_path / "readonly"
-        directory.mkdir()
-        os.chmod(directory, 0o500)
-        path = directory / "api.token"
+def as_nobody(function):
+    """Run function() in a forked child that has dropped to uid/gid 65534 when we are root (CI
+    runs as root, and root writes anywhere), and return what it returned or raised (repr'd)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
         try:
-            with pytest.raises(SinkError) as info:
-                sink(path).check()
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                result = ("returned", repr(function()))
+            except Exception as exc:
+                result = ("raised", type(exc).__name__, str(exc), getattr(exc, "retryable", None))
+            os.write(write_end, json.dumps(result).encode())
+        except BaseException:
+            code = 1
         finally:
-            os.chmod(directory, 0o700)
-        assert "not writable" in str(info.value)
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        data = reader.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and data, "the unprivileged child failed"
+    return json.loads(data)
+
+
+@pytest.fixture
+def open_tree():
+    """A directory tree everyone may traverse (pytest's tmp_path is 0700, closed to uid 65534)."""
+    import shutil
+    import tempfile
+
+    root = tempfile.mkdtemp(prefix="tokensmith-sink-")
+    os.chmod(root, 0o755)
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_check_fails_for_an_unwritable_directory(open_tree, tmp_path):
+    from pathlib import Path
+
+    directory = Path(open_tree) / "readonly"
+    directory.mkdir()
+    os.chmod(directory, 0o555)  # as root: owned by root and closed to 65534; otherwise closed to us
+    path = directory / "api.token"
+    result = as_nobody(lambda: sink(path).check())
+    assert result[:2] == ["raised", "SinkError"]
+    assert f"file:{path}: directory {directory} is not writable" in result[2] and "billing-api" in result[2]
+    assert result[3] is False
+    os.chmod(directory, 0o755)
+    writable = Path(open_tree) / "writable"
+    writable.mkdir(mode=0o777)
+    os.chmod(writable, 0o777)
+    assert as_nobody(lambda: sink(writable / "api.token").check()) == ["returned", "None"]
+
+
+def test_check_fails_when_the_parent_is_a_file(tmp_path):
+    parent = tmp_path / "a-file"
+    parent.write_text("")
+    path = parent / "api.token"
+    with pytest.raises(SinkError) as info:
+        sink(path).check()
     assert f"file:{path}" in str(info.value) and info.value.retryable is False
 
 
