@@ -1,0 +1,77 @@
+"""The floor loop: the least work a durable refresh needs, as a reference for the daemon's CPU.
+
+Per refresh, paced at --rate refreshes a second over --clients clients (round robin):
+one keep-alive POST with http.client, a JSON parse of the reply, and two atomic writes, each a temp
+file written, fsynced, renamed and its directory fsynced: the state (token durable first) and the
+sink. Nothing else: no scheduler, no logging, no validation, no threads.
+
+Run: python bench/floor.py --port P --dir D --clients N --rate R
+Prints "READY" when connected, then "<refreshes done>" once a second on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import sys
+import time
+
+
+def atomic_write(directory: str, name: str, data: bytes) -> None:
+    temp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, os.path.join(directory, name))
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--clients", type=int, required=True)
+    parser.add_argument("--rate", type=float, required=True)
+    args = parser.parse_args(argv)
+    state_dir, sink_dir = os.path.join(args.dir, "state"), os.path.join(args.dir, "tokens")
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    os.makedirs(sink_dir, mode=0o700, exist_ok=True)
+    conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=10)
+    body = b"grant_type=client_credentials"
+    headers = {"Content-Type": "application/x-www-form-urlencoded",
+               "Authorization": "Basic " + base64.b64encode(b"bench:bench-secret").decode()}
+    print("READY", flush=True)
+    interval = 1.0 / args.rate
+    done = 0
+    next_at = report_at = time.monotonic()
+    while True:
+        next_at += interval
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        conn.request("POST", "/token", body, headers)
+        reply = json.loads(conn.getresponse().read())
+        now = time.time()
+        name = f"c{done % args.clients:05d}"
+        token = {"access_token": reply["access_token"], "expires_at": now + reply["expires_in"], "obtained_at": now}
+        atomic_write(state_dir, name + ".json", json.dumps(token).encode())
+        atomic_write(sink_dir, name, json.dumps({"access_token": token["access_token"],
+                                                 "expires_at": token["expires_at"]}).encode())
+        done += 1
+        if next_at >= report_at:
+            report_at += 1.0
+            print(done, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
