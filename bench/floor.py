@@ -6,7 +6,8 @@ file written, fsynced, renamed and its directory fsynced: the state (token durab
 sink. Nothing else: no scheduler, no logging, no validation, no threads.
 
 Run: python bench/floor.py --port P --dir D --clients N --rate R
-Prints "READY" when connected, then "<refreshes done>" once a second on stdout.
+Prints "READY" when connected, then "<refreshes done>" once a second on stdout. A number on stdin
+sets a new rate (the bench keeps it at the daemon's measured refresh rate).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import http.client
 import json
 import os
 import sys
+import threading
 import time
 
 
@@ -51,11 +53,17 @@ def main(argv=None) -> int:
     headers = {"Content-Type": "application/x-www-form-urlencoded",
                "Authorization": "Basic " + base64.b64encode(b"bench:bench-secret").decode()}
     print("READY", flush=True)
-    interval = 1.0 / args.rate
+    rate = [args.rate]
+
+    def follow() -> None:
+        for line in sys.stdin:
+            rate[0] = max(float(line), 0.1)
+
+    threading.Thread(target=follow, daemon=True).start()
     done = 0
     next_at = report_at = time.monotonic()
     while True:
-        next_at += interval
+        next_at += 1.0 / rate[0]
         delay = next_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)

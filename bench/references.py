@@ -122,7 +122,7 @@ class Floor:
     def __init__(self, port: int, directory: Path, clients: int, rate: float):
         self.process = subprocess.Popen([PYTHON, str(BENCH / "floor.py"), "--port", str(port), "--dir",
                                          str(directory), "--clients", str(clients), "--rate", f"{rate:.3f}"],
-                                        stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline().strip() != "READY":
             raise RuntimeError("floor loop did not start")
         self.pid = self.process.pid
@@ -133,6 +133,10 @@ class Floor:
     def _read(self) -> None:
         for line in self.process.stdout:
             self.done = int(line)
+
+    def set_rate(self, rate: float) -> None:
+        self.process.stdin.write(f"{rate:.3f}\n")
+        self.process.stdin.flush()
 
     def close(self) -> None:
         stop(self.process)

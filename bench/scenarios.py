@@ -149,8 +149,9 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                 break
             if window_start and now >= window_start and not marks:
                 if floor:
-                    # the daemon's steady refresh interval is about 0.75 of the lifetime (measured rate reported)
-                    reference = Floor(server.port, project.root / "floor", clients, clients / (0.75 * lifetime))
+                    # the floor follows the daemon's refresh rate: its last 10 s now, each chunk's later
+                    recent = sum(1 for t in sampler.refreshes if now - 10 <= t < now) / 10
+                    reference = Floor(server.port, project.root / "floor", clients, recent or clients / lifetime)
                 split_start = cpu_split(daemon.pid)
                 server_window0 = server.stats()
                 bench_cpu_start = resource.getrusage(resource.RUSAGE_SELF)
@@ -163,6 +164,9 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                 stale_client_seconds += stale
                 stale_max = max(stale_max, stale)
                 if now - marks[-1][0] >= chunk:
+                    if reference:
+                        reference.set_rate(sum(1 for t in sampler.refreshes if marks[-1][0] <= t < now)
+                                           / (now - marks[-1][0]))
                     marks.append((now, cpu_seconds(daemon.pid), cpu_seconds(reference.pid) if reference else 0.0,
                                   reference.done if reference else 0))
             if window_end and now >= window_end:
