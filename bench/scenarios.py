@@ -46,9 +46,20 @@ def tokensmith_first_token_ms(workdir: Path, server: TokenServer) -> tuple[float
         stop(daemon)
 
 
+IMPORT_FLOOR = "import yaml; from pydantic import BaseModel, ConfigDict, Field, SecretStr"
+
+
+def import_floor_ms() -> float:
+    """What the config layer's imports alone take: an interpreter that imports yaml and pydantic and exits."""
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-c", IMPORT_FLOOR], check=True)
+    return (time.perf_counter() - started) * 1000
+
+
 def scenario_cold_start(workdir: Path, server: TokenServer, openbao: OpenBao, pairs: int) -> dict:
-    """Start → first token in a file sink, tokensmith and the OpenBao agent alternating (ABBA order)."""
-    ours, agent, ratios = [], [], []
+    """Start → first token in a file sink, tokensmith and the OpenBao agent alternating (ABBA order);
+    beside them, for the diagnosis, the bare interpreter with tokensmith's config imports."""
+    ours, agent, ratios, floor = [], [], [], []
     for i in range(pairs):
         if i % 2 == 0:
             a, project = tokensmith_first_token_ms(workdir, server)
@@ -56,6 +67,7 @@ def scenario_cold_start(workdir: Path, server: TokenServer, openbao: OpenBao, pa
         else:
             b = agent_first_token_ms(openbao, workdir / "s1-agent")
             a, project = tokensmith_first_token_ms(workdir, server)
+        floor.append(import_floor_ms())
         ours.append(a)
         agent.append(b)
         ratios.append(a / b)
@@ -63,12 +75,15 @@ def scenario_cold_start(workdir: Path, server: TokenServer, openbao: OpenBao, pa
               "tokensmith_median_ms": round(statistics.median(ours), 1),
               "agent_median_ms": round(statistics.median(agent), 1),
               "ratio": round(statistics.median(ours) / statistics.median(agent), 2),
-              "pair_ratios": spread(ratios), "target_ratio": 1.5}
+              "pair_ratios": spread(ratios), "target_ratio": 1.5,
+              "python_yaml_pydantic_import_median_ms": round(statistics.median(floor), 1),
+              "import_floor_ratio_to_agent": round(statistics.median(floor) / statistics.median(agent), 2)}
     result["pass"] = result["ratio"] <= 1.5
     probe = subprocess.run([PYTHON, "-c", PROBE, str(project.config)], capture_output=True, text=True)
     result["imports_boto3_or_hvac"] = sorted(set(probe.stdout.split()) & {"boto3", "botocore", "hvac"})
     log(f"s1 cold start: tokensmith {result['tokensmith_median_ms']} ms, agent {result['agent_median_ms']} ms, "
-        f"ratio {result['ratio']} (pairs {result['pair_ratios']})")
+        f"ratio {result['ratio']} (pairs {result['pair_ratios']}); python + yaml + pydantic import alone "
+        f"{result['python_yaml_pydantic_import_median_ms']} ms ({result['import_floor_ratio_to_agent']}x the agent)")
     return result
 
 
@@ -290,6 +305,8 @@ def scenario_memory(workdir: Path, server: TokenServer, openbao: OpenBao, rss_ma
             else:
                 agent.append(agent_rss(openbao, workdir / "s4-agent", settle))
     file_only = steady_rss(Project(workdir / "s4-file", server, 1, fmt="json"), settle)
+    probe = subprocess.run([PYTHON, "-c", IMPORT_FLOOR + "\nprint(open('/proc/self/status').read()"
+                            ".split('VmRSS:')[1].split()[0])"], capture_output=True, text=True, check=True)
     per_client = (rss_many - file_only) / (many - 1) if many > 1 else None
     result = {"tokensmith_rss_mib_runs": [round(r / 1024, 1) for r in ours],
               "agent_rss_mib_runs": [round(r / 1024, 1) for r in agent],
@@ -297,6 +314,7 @@ def scenario_memory(workdir: Path, server: TokenServer, openbao: OpenBao, rss_ma
               "agent_rss_mib": round(statistics.median(agent) / 1024, 1),
               "ratio": round(statistics.median(ours) / statistics.median(agent), 2), "target_ratio": 0.6,
               "rss_1_client_file_only_mib": round(file_only / 1024, 1),
+              "python_yaml_pydantic_import_rss_mib": round(int(probe.stdout) / 1024, 1),
               f"rss_{many}_clients_mib": round(rss_many / 1024, 1), "clients": many,
               "kib_per_additional_client": round(per_client, 2) if per_client is not None else None,
               "bytes_per_additional_client": round(per_client * 1024) if per_client is not None else None}
