@@ -5,7 +5,12 @@ one keep-alive POST with http.client, a JSON parse of the reply, and two atomic 
 file written, fsynced, renamed and its directory fsynced: the state (token durable first) and the
 sink. Nothing else: no scheduler, no logging, no validation, no threads.
 
-Run: python bench/floor.py --port P --dir D --clients N --rate R
+--apscheduler: the same refresh, driven the way the daemon drives its keepers (one APScheduler job
+per client on a BackgroundScheduler with an 8-thread pool, a long interval trigger that only keeps
+the job alive, and modify_job for each next run), so floor+APScheduler minus floor is APScheduler's
+share of a refresh. Its rate is fixed at start.
+
+Run: python bench/floor.py --port P --dir D --clients N --rate R [--apscheduler]
 Prints "READY" when connected, then "<refreshes done>" once a second on stdout. A number on stdin
 sets a new rate (the bench keeps it at the daemon's measured refresh rate).
 """
@@ -38,20 +43,72 @@ def atomic_write(directory: str, name: str, data: bytes) -> None:
         os.close(dfd)
 
 
+HEADERS = {"Content-Type": "application/x-www-form-urlencoded",
+           "Authorization": "Basic " + base64.b64encode(b"bench:bench-secret").decode()}
+
+
+def refresh(conn: http.client.HTTPConnection, state_dir: str, sink_dir: str, name: str) -> None:
+    conn.request("POST", "/token", b"grant_type=client_credentials", HEADERS)
+    reply = json.loads(conn.getresponse().read())
+    now = time.time()
+    token = {"access_token": reply["access_token"], "expires_at": now + reply["expires_in"], "obtained_at": now}
+    atomic_write(state_dir, name + ".json", json.dumps(token).encode())
+    atomic_write(sink_dir, name, json.dumps({"access_token": token["access_token"],
+                                             "expires_at": token["expires_at"]}).encode())
+
+
+def scheduled(port: int, state_dir: str, sink_dir: str, clients: int, rate: float) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from apscheduler.executors.pool import ThreadPoolExecutor
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    local = threading.local()
+    counter = [0]
+    lock = threading.Lock()
+    period = timedelta(seconds=clients / rate)
+    scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(8)},
+                                    job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+                                    timezone=timezone.utc)
+
+    def job(name: str) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        refresh(conn, state_dir, sink_dir, name)
+        with lock:
+            counter[0] += 1
+        scheduler.modify_job(name, next_run_time=datetime.now(timezone.utc) + period)
+
+    keepalive = IntervalTrigger(weeks=520, timezone=timezone.utc)
+    start = datetime.now(timezone.utc)
+    for i in range(clients):
+        name = f"c{i:05d}"
+        scheduler.add_job(job, keepalive, args=[name], id=name, name=name,
+                          next_run_time=start + period * (i / clients))
+    scheduler.start()
+    print("READY", flush=True)
+    while True:
+        time.sleep(1.0)
+        print(counter[0], flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rate", type=float, required=True)
+    parser.add_argument("--apscheduler", action="store_true")
     args = parser.parse_args(argv)
     state_dir, sink_dir = os.path.join(args.dir, "state"), os.path.join(args.dir, "tokens")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.makedirs(sink_dir, mode=0o700, exist_ok=True)
+    if args.apscheduler:
+        scheduled(args.port, state_dir, sink_dir, args.clients, args.rate)
+        return 0
     conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=10)
-    body = b"grant_type=client_credentials"
-    headers = {"Content-Type": "application/x-www-form-urlencoded",
-               "Authorization": "Basic " + base64.b64encode(b"bench:bench-secret").decode()}
     print("READY", flush=True)
     rate = [args.rate]
 
@@ -67,14 +124,7 @@ def main(argv=None) -> int:
         delay = next_at - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        conn.request("POST", "/token", body, headers)
-        reply = json.loads(conn.getresponse().read())
-        now = time.time()
-        name = f"c{done % args.clients:05d}"
-        token = {"access_token": reply["access_token"], "expires_at": now + reply["expires_in"], "obtained_at": now}
-        atomic_write(state_dir, name + ".json", json.dumps(token).encode())
-        atomic_write(sink_dir, name, json.dumps({"access_token": token["access_token"],
-                                                 "expires_at": token["expires_at"]}).encode())
+        refresh(conn, state_dir, sink_dir, f"c{done % args.clients:05d}")
         done += 1
         if next_at >= report_at:
             report_at += 1.0

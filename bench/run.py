@@ -84,6 +84,10 @@ def main(argv=None) -> int:
 
     compileall.compile_dir(str(Path(tokensmith.__file__).parent), quiet=1)
     began = time.monotonic()
+
+    def save() -> None:  # after every scenario, so a late failure keeps what was measured
+        (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2))
+
     openbao = OpenBao()
     try:
         server = TokenServer(60)
@@ -92,6 +96,7 @@ def main(argv=None) -> int:
                 results["cold_start"] = scenario_cold_start(workdir, server, openbao, pairs)
             if "compromise" in only:
                 results["compromise"] = scenario_compromise(workdir, server, 10 if quick else 22)
+            save()
         finally:
             server.close()
         results["fsync_cost"] = fsync_cost(workdir)
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
             results["scale"] = scale
             results["scale_timeline"] = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in p.items()}
                                          for p in sampler.timeline]
+            save()
             plot_freshness(sampler, started, scale, RESULTS / f"{stamp}-freshness.png")
         if "memory" in only:
             server = TokenServer(60)
@@ -108,12 +114,14 @@ def main(argv=None) -> int:
                 many = results.get("scale", {}).get("daemon_rss_kib_steady")
                 results["memory"] = scenario_memory(workdir, server, openbao, many or 0, clients if many else 1,
                                                     2 if quick else 3, 3.0 if quick else 5.0)
+                save()
             finally:
                 server.close()
     finally:
         openbao.close()
     if "restart" in only:
         results["restart"] = scenario_restart(workdir, clients)
+        save()
     if "growth" in only:
         rss_one = (results.get("memory") or {}).get("rss_1_client_file_only_mib")
         rss_one = rss_one * 1024 if rss_one else None
@@ -126,13 +134,14 @@ def main(argv=None) -> int:
                                              floor=False, startup_cap=args.growth_cap, tag=f"g{n}")
             points.append(growth_point(scale, rss_one))
             log(f"growth {n}: {points[-1]}")
-        results["growth"] = points
+            results["growth"] = points
+            save()
         plot_growth(results, RESULTS / f"{stamp}-growth.png")
     results["wall_s"] = round(time.monotonic() - began, 1)
     with open("/proc/loadavg") as handle:
         results["loadavg_at_end"] = handle.read().split()[:3]
     text = table(results)
-    (RESULTS / f"{stamp}.json").write_text(json.dumps(results, indent=2))
+    save()
     (RESULTS / f"{stamp}.md").write_text(
         f"{results['date']}, {results['cores']} cores, load {' '.join(results['loadavg_at_start'])} at start, "
         f"{results['machine']}, Python {results['python']}, mode {results['mode']}, wall {results['wall_s']} s\n\n"

@@ -139,13 +139,19 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
     # lifetime, with no jitter at all
     project = Project(workdir / tag, server, clients, fmt="json", refresh={"min_lead": 10})
     sampler = Sampler(project)
-    reference = None
+    reference = scheduled = None
     try:
         started = time.time()
         daemon = project.start()
         all_tokens_at = None
         window_start = window_end = None
-        marks = []  # (time, daemon cpu, floor cpu, floor refreshes) at every chunk boundary
+        marks = []  # (time, daemon cpu, floor cpu, floor refreshes, floor+APScheduler cpu, its refreshes)
+
+        def mark(now: float) -> tuple:
+            return (now, cpu_seconds(daemon.pid), cpu_seconds(reference.pid) if reference else 0.0,
+                    reference.done if reference else 0, cpu_seconds(scheduled.pid) if scheduled else 0.0,
+                    scheduled.done if scheduled else 0)
+
         stale_client_seconds = stale_max = 0
         next_tick = time.time()
         while True:
@@ -167,12 +173,16 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                     # the floor follows the daemon's refresh rate: its last 10 s now, each chunk's later
                     recent = sum(1 for t in sampler.refreshes if now - 10 <= t < now) / 10
                     reference = Floor(server.port, project.root / "floor", clients, recent or clients / lifetime)
+                    # the floor under APScheduler, driven as the daemon drives its keepers (rate fixed here)
+                    scheduled = Floor(server.port, project.root / "floor-aps", clients, recent or clients / lifetime,
+                                      apscheduler=True)
+                    time.sleep(1.0)  # both have imported and started
                 split_start = cpu_split(daemon.pid)
                 server_window0 = server.stats()
                 bench_cpu_start = resource.getrusage(resource.RUSAGE_SELF)
                 sampler_cpu_start = sampler.cpu
-                marks.append((now, cpu_seconds(daemon.pid), cpu_seconds(reference.pid) if reference else 0.0,
-                              reference.done if reference else 0))
+                now = time.time()
+                marks.append(mark(now))
                 log(f"{tag}: steady-state window starts")
             if marks:
                 stale = point["missing"] + point["expired"]
@@ -182,8 +192,7 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                     if reference:
                         reference.set_rate(sum(1 for t in sampler.refreshes if marks[-1][0] <= t < now)
                                            / (now - marks[-1][0]))
-                    marks.append((now, cpu_seconds(daemon.pid), cpu_seconds(reference.pid) if reference else 0.0,
-                                  reference.done if reference else 0))
+                    marks.append(mark(now))
             if window_end and now >= window_end:
                 break
             if int(now - started) % 30 == 0:
@@ -198,8 +207,9 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
             bench_cpu_end = resource.getrusage(resource.RUSAGE_SELF)
         stop(daemon)
     finally:
-        if reference:
-            reference.close()
+        for process in (reference, scheduled):
+            if process:
+                process.close()
         server.close()
     result = {"clients": clients, "lifetime_s": lifetime, "warmup_s": warmup, "steady_s": steady,
               "startup_all_first_tokens_s": round(all_tokens_at - started, 2) if all_tokens_at else None,
@@ -211,7 +221,7 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
     refreshes = sum(1 for t in sampler.refreshes if w0 <= t < w1)
     daemon_cpu = marks[-1][1] - marks[0][1]
     chunks = []
-    for (t0, d0, f0, n0), (t1, d1, f1, n1) in zip(marks, marks[1:]):
+    for (t0, d0, f0, n0, _, _), (t1, d1, f1, n1, _, _) in zip(marks, marks[1:]):
         ours = sum(1 for t in sampler.refreshes if t0 <= t < t1)
         if ours and (not floor or n1 > n0):
             chunk_ms = 1000 * (d1 - d0) / ours
@@ -245,11 +255,16 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
             "floor_refreshes_per_s": round(floor_refreshes / (w1 - w0), 1),
             "floor_cpu_ms_per_refresh": round(1000 * floor_cpu / max(floor_refreshes, 1), 3),
             "chunk_ratios": spread([c["ratio"] for c in chunks if c["ratio"]]) if chunks else None,
+            "floor_apscheduler_refreshes_in_window": marks[-1][5] - marks[0][5],
+            "floor_apscheduler_cpu_ms_per_refresh": round(1000 * (marks[-1][4] - marks[0][4])
+                                                          / max(marks[-1][5] - marks[0][5], 1), 3),
             "target_ratio": 1.3,
         })
         result["ratio"] = round(result["daemon_cpu_ms_per_refresh"] / result["floor_cpu_ms_per_refresh"], 2) \
             if floor_refreshes else None
         result["pass_cpu"] = result["ratio"] is not None and result["ratio"] <= 1.3
+        result["apscheduler_ms_per_refresh"] = round(result["floor_apscheduler_cpu_ms_per_refresh"]
+                                                     - result["floor_cpu_ms_per_refresh"], 3)
     result["pass_fresh"] = stale_client_seconds == 0
     result["pass_spread"] = bool(mean) and peak <= 3 * mean
     log(f"{tag} scale: " + json.dumps({k: v for k, v in result.items() if k != "chunks"}))
