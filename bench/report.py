@@ -54,17 +54,27 @@ def plot_growth(results: dict, path: Path) -> None:
               ("daemon CPU per refresh (ms)", [p.get("daemon_cpu_ms_per_refresh") for p in points],
                scale.get("floor_cpu_ms_per_refresh"), f"floor loop at {scale.get('clients')} clients"),
               ("RSS (MiB)", [p.get("rss_mib") for p in points], memory.get("agent_rss_mib"), "agent, 1 client")]
-    for ax, (label, values, ref, ref_label) in zip(axes, series):
+    for i, (ax, (label, values, ref, ref_label)) in enumerate(zip(axes, series)):
         xs = [x for x, v in zip(n, values) if v is not None]
         ys = [v for v in values if v is not None]
         ax.plot(xs, ys, marker="o", label="tokensmith")
         if ref:
             ax.axhline(ref, color="tab:red", linestyle="--", label=ref_label)
         ax.set_xscale("log")
-        ax.set_xlabel("clients")
+        ax.set_xlabel("clients (log)")
         ax.set_title(label)
-        ax.set_ylim(bottom=0)
-        ax.legend(loc="upper left", fontsize=8)
+        if i == 0 and ys:
+            ax.set_yscale("log")  # linear growth is a slope of 1 on log-log axes
+            ax.set_title(label + ", log")
+        else:
+            ax.set_ylim(bottom=0)
+    one = memory.get("rss_1_client_file_only_mib")
+    if one and n:
+        xs = sorted(set([1] + n))
+        axes[2].plot(xs, [one + 12_000 * (x - 1) / 2**20 for x in xs], color="grey", linestyle=":",
+                     label="1 client + 12 KB per client (target)")
+    for ax in axes:
+        ax.legend(loc="best", fontsize=8)
     fig.suptitle(f"Growth ({results['cores']} cores, {results['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
