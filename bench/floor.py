@@ -57,7 +57,7 @@ def refresh(conn: http.client.HTTPConnection, state_dir: str, sink_dir: str, nam
                                              "expires_at": token["expires_at"]}).encode())
 
 
-def scheduled(port: int, state_dir: str, sink_dir: str, clients: int, rate: float) -> None:
+def scheduled(port: int, state_dir: str, sink_dir: str, clients: int, rate: float, interval: bool = False) -> None:
     from datetime import datetime, timedelta, timezone
 
     from apscheduler.executors.pool import ThreadPoolExecutor
@@ -79,9 +79,11 @@ def scheduled(port: int, state_dir: str, sink_dir: str, clients: int, rate: floa
         refresh(conn, state_dir, sink_dir, name)
         with lock:
             counter[0] += 1
-        scheduler.modify_job(name, next_run_time=datetime.now(timezone.utc) + period)
+        if not interval:
+            scheduler.modify_job(name, next_run_time=datetime.now(timezone.utc) + period)
 
-    keepalive = IntervalTrigger(weeks=520, timezone=timezone.utc)
+    keepalive = IntervalTrigger(seconds=period.total_seconds(), timezone=timezone.utc) if interval \
+        else IntervalTrigger(weeks=520, timezone=timezone.utc)
     start = datetime.now(timezone.utc)
     for i in range(clients):
         name = f"c{i:05d}"
@@ -101,12 +103,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--apscheduler", action="store_true")
+    parser.add_argument("--interval", action="store_true",
+                        help="with --apscheduler: a plain interval trigger, no modify_job after each run")
     args = parser.parse_args(argv)
     state_dir, sink_dir = os.path.join(args.dir, "state"), os.path.join(args.dir, "tokens")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     os.makedirs(sink_dir, mode=0o700, exist_ok=True)
     if args.apscheduler:
-        scheduled(args.port, state_dir, sink_dir, args.clients, args.rate)
+        scheduled(args.port, state_dir, sink_dir, args.clients, args.rate, args.interval)
         return 0
     conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=10)
     print("READY", flush=True)

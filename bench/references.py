@@ -119,10 +119,12 @@ def agent_first_token_ms(openbao: OpenBao, root: Path) -> float:
 class Floor:
     """bench/floor.py as a child process: its refresh count (from its stdout) and its pid for /proc."""
 
-    def __init__(self, port: int, directory: Path, clients: int, rate: float, apscheduler: bool = False):
+    def __init__(self, port: int, directory: Path, clients: int, rate: float, apscheduler: bool = False,
+                 interval: bool = False):
         self.process = subprocess.Popen([PYTHON, str(BENCH / "floor.py"), "--port", str(port), "--dir",
                                          str(directory), "--clients", str(clients), "--rate", f"{rate:.3f}"]
-                                        + (["--apscheduler"] if apscheduler else []),
+                                        + (["--apscheduler"] if apscheduler else [])
+                                        + (["--interval"] if interval else []),
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline().strip() != "READY":
             raise RuntimeError("floor loop did not start")
