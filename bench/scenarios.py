@@ -194,6 +194,8 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                                            / (now - marks[-1][0]))
                     marks.append(mark(now))
             if window_end and now >= window_end:
+                if marks and now - marks[-1][0] >= chunk / 2:
+                    marks.append(mark(now))
                 break
             if int(now - started) % 30 == 0:
                 log(f"{tag}: t={now - started:.0f}s fresh={point['fresh']} missing={point['missing']} "
