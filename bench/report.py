@@ -20,7 +20,8 @@ def plot_freshness(sampler, started: float, scale: dict, path: Path) -> None:
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True)
     top.plot(t, [p["fresh"] for p in sampler.timeline], label="fresh token in sink")
     top.plot(t, [p["missing"] + p["expired"] for p in sampler.timeline], label="missing or expired", color="red")
-    top.axvline(scale["warmup_s"], color="grey", linestyle=":", label="end of warm-up")
+    top.axvline(scale.get("window_start_s", scale["warmup_s"]), color="grey", linestyle=":",
+                label="measured window starts")
     top.set_ylabel("clients")
     top.legend(loc="center right")
     top.set_title(f"Scenario 3: {scale['clients']} clients, {scale['lifetime_s']:.0f} s tokens, file sinks")

@@ -232,7 +232,7 @@ def scenario_scale(workdir: Path, clients: int, steady: float, lifetime: float =
                            "ratio": round(chunk_ms / floor_ms, 3) if floor and floor_ms else None})
     peak, mean = peak_per_second(sampler.refreshes, w0, w1)
     result.update({
-        "window_s": round(w1 - w0, 1),
+        "window_s": round(w1 - w0, 1), "window_start_s": round(w0 - started, 1),
         "stale_client_seconds_after_first_minute": stale_client_seconds, "max_stale_in_one_sample": stale_max,
         "refreshes_in_window": refreshes, "token_requests_in_window": server_window1["issued"] - server_window0["issued"],
         "daemon_cpu_s_window": round(daemon_cpu, 2),
