@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     quick = args.quick
     clients = args.clients or (500 if quick else 5000)
     lifetime, warmup = (20.0, 25.0) if quick else (60.0, 60.0)
-    steady = args.steady or (30.0 if quick else 120.0)
+    steady = args.steady or (20.0 if quick else 120.0)
     chunk = 5.0 if quick else 10.0
     pairs = 7 if quick else 11
     growth = [int(n) for n in (args.growth or ("100,500" if quick else "100,1000,5000,20000")).split(",")]
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             if "cold" in only:
                 results["cold_start"] = scenario_cold_start(workdir, server, openbao, pairs)
             if "compromise" in only:
-                results["compromise"] = scenario_compromise(workdir, server, 10 if quick else 22)
+                results["compromise"] = scenario_compromise(workdir, server, 8 if quick else 22)
             save()
         finally:
             server.close()
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             try:
                 many = results.get("scale", {}).get("daemon_rss_kib_steady")
                 results["memory"] = scenario_memory(workdir, server, openbao, many or 0, clients if many else 1,
-                                                    2 if quick else 3, 3.0 if quick else 5.0)
+                                                    2 if quick else 3, 2.0 if quick else 5.0)
                 save()
             finally:
                 server.close()
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             if n == clients and "scale" in results:
                 scale = results["scale"]
             else:
-                scale, _, _ = scenario_scale(workdir, n, 15.0 if quick else 30.0, lifetime, warmup, chunk,
+                scale, _, _ = scenario_scale(workdir, n, 10.0 if quick else 30.0, lifetime, warmup, chunk,
                                              floor=False, startup_cap=args.growth_cap, tag=f"g{n}")
             points.append(growth_point(scale, rss_one))
             log(f"growth {n}: {points[-1]}")
