@@ -47,7 +47,7 @@ def state(n: int) -> ClientState:
 
 
 def take_lease(store: VaultStateStore, prefix: str, versions: dict) -> None:
-    """What a replica does on takeover (leases/, H2): a CAS write of the lease record, through the
+    """What a replica does on takeover (leases/): a CAS write of the lease record, through the
     same VaultClient the state backend uses. A client that has written nothing yet may read the lease
     from a lagging standby; its CAS then fails and it reads again, as a lease candidate does."""
     key = f"{prefix}/leader"
