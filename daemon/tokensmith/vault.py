@@ -41,8 +41,7 @@ RETRYABLE = (vault_exc.RateLimitExceeded, vault_exc.InternalServerError, vault_e
 SAFE_PHRASES = ("permission denied", "invalid role or secret ID", "Vault is sealed", "no handler for route",
                 "check-and-set parameter did not match the current version", "invalid role name",
                 "role not found", "service account name not authorized", "namespace not authorized",
-                "lookup failed", "not authorized", "invalid certificate or no client certificate supplied",
-                "no chain matching all constraints could be found for this login certificate")
+                "lookup failed", "not authorized", "invalid certificate or no client certificate supplied")
 CAS_MISMATCH = "check-and-set parameter did not match"
 DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
 
@@ -306,7 +305,7 @@ class VaultClient:
             elif auth.method == "cert":
                 where += (f" at auth/{auth.mount_point or 'cert'}" + (f" as role {auth.role}" if auth.role else "")
                           + f" with certificate {auth.cert_file}")
-                self._check_cert(where, client, error_cls)
+                self._check_cert(client, error_cls)
                 self._hvac.adapter.session.close()  # pooled connections still present the old certificate
                 self._hvac.auth.cert.login(name=auth.role or "", cert_pem=str(auth.cert_file),
                                            key_pem=str(auth.key_file), mount_point=auth.mount_point or "cert")
@@ -323,13 +322,13 @@ class VaultClient:
             raise error from exc
         self._logins += 1
 
-    def _check_cert(self, where: str, client: str | None, error_cls: type[TokensmithError]) -> None:
+    def _check_cert(self, client: str | None, error_cls: type[TokensmithError]) -> None:
         """Re-read at every login, so rotated files are used without a restart; the key stays private."""
         auth = self.config.auth
         try:
             fd = os.open(auth.key_file, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise error_cls(f"{where}: cannot read vault.auth.key_file {auth.key_file}: {exc.strerror}",
+            raise error_cls(f"cannot read vault.auth.key_file {auth.key_file}: {exc.strerror}",
                             client=client, retryable=False) from exc
         with os.fdopen(fd, "rb") as handle:
             mode = os.fstat(handle.fileno()).st_mode
@@ -339,11 +338,11 @@ class VaultClient:
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(auth.cert_file, auth.key_file, password=b"")
         except ssl.SSLError as exc:
-            raise error_cls(f"{where}: vault.auth.cert_file {auth.cert_file} and key_file {auth.key_file} are not a "
+            raise error_cls(f"vault.auth.cert_file {auth.cert_file} and key_file {auth.key_file} are not a "
                             f"usable PEM certificate and unencrypted private key ({exc.reason or 'unreadable'})",
                             client=client, retryable=False) from exc
         except OSError as exc:
-            raise error_cls(f"{where}: cannot read vault.auth.cert_file {auth.cert_file}: {exc.strerror}",
+            raise error_cls(f"cannot read vault.auth.cert_file {auth.cert_file}: {exc.strerror}",
                             client=client, retryable=False) from exc
 
     @staticmethod

@@ -15,6 +15,8 @@ import pytest
 from fixtures_stores import _death_signal, find_bao, free_port, store_settings
 from pki import CA
 from tokensmith.backends import Backends
+from tokensmith.checks import host_problems
+from tokensmith.config import VaultAuthConfig
 from tokensmith.errors import SourceError
 from tokensmith.sources import build_source
 
@@ -121,7 +123,7 @@ def test_certificate_from_an_untrusted_ca_is_a_clear_non_retryable_error(tmp_pat
     message = str(caught.value)
     assert not caught.value.retryable
     assert message.startswith("client billing-api: vault cert login at auth/cert as role tokensmith")
-    assert str(cert_path) in message and "HTTP 400" in message
+    assert str(cert_path) in message and "invalid certificate or no client certificate supplied (HTTP 400)" in message
     assert key_path.read_text().splitlines()[1] not in message
 
 
@@ -157,3 +159,20 @@ def test_rotated_certificate_is_used_at_the_next_login(tmp_path, cert_bao):
     cert_bao.root().auth.token.revoke(vault._hvac.token)  # the next read gets 403 and logs in again
     assert source.read().client_secret == SECRET
     assert vault._hvac.auth.token.lookup_self()["data"]["meta"]["common_name"] == "after-rotation"
+
+
+def test_method_cert_needs_cert_file_and_key_file():
+    with pytest.raises(ValueError, match="method cert needs cert_file and key_file"):
+        VaultAuthConfig(method="cert", cert_file="/run/credentials/tokensmith.service/vault.crt")
+    auth = VaultAuthConfig(method="cert", cert_file="/c.pem", key_file="/k.pem")
+    assert (auth.role, auth.mount_point) == (None, None)  # any matching role, at auth/cert
+
+
+def test_check_config_reports_a_group_readable_key_file(tmp_path):
+    cert_path, key_path = write_pair(tmp_path, CA(), "tokensmith-client")
+    key_path.chmod(0o644)
+    vault = {"address": "https://vault.example:8200",
+             "auth": {"method": "cert", "cert_file": str(cert_path), "key_file": str(key_path)}}
+    found = host_problems(store_settings(tmp_path, vault=vault, source={"type": "vault", "path": PATH}))
+    assert [problem["where"] for problem in found] == ["vault.auth.key_file"]
+    assert "accessible by group or others (mode 0644)" in found[0]["message"]
