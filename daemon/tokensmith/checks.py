@@ -92,11 +92,13 @@ def host_problems(settings, *, online: bool = False) -> Problems:
         _writable_dir(problems, "audit_log", settings.audit_log.parent, "audit log directory")
     if settings.vault is not None:
         auth = settings.vault.auth
-        for field in ("token_file", "secret_id_file"):
+        for field in ("token_file", "secret_id_file", "key_file"):
             if getattr(auth, field) is not None:
                 _secret_file(problems, f"vault.auth.{field}", getattr(auth, field), "vault credential file")
         if auth.method == "kubernetes":
             _secret_file(problems, "vault.auth.jwt_file", auth.jwt_file, "service-account token", private=False)
+        if auth.cert_file is not None:
+            _secret_file(problems, "vault.auth.cert_file", auth.cert_file, "client certificate", private=False)
         if settings.vault.ca_bundle is not None:
             _secret_file(problems, "vault.ca_bundle", settings.vault.ca_bundle, "CA bundle", private=False)
     for index, client in enumerate(settings.clients):

@@ -336,7 +336,7 @@ class ClientConfig(Model):
 
 
 class VaultAuthConfig(Model):
-    method: Literal["token", "approle", "kubernetes"] = "token"
+    method: Literal["token", "approle", "kubernetes", "cert"] = "token"
     token: SecretStr | None = None
     token_file: Path | None = None
     role_id: str | None = None
@@ -345,6 +345,8 @@ class VaultAuthConfig(Model):
     mount_point: str | None = None
     role: str | None = None
     jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @model_validator(mode="after")
     def _method_fields(self) -> "VaultAuthConfig":
@@ -354,6 +356,8 @@ class VaultAuthConfig(Model):
             raise ValueError("method approle needs role_id and secret_id (or secret_id_file)")
         if self.method == "kubernetes" and not self.role:
             raise ValueError("method kubernetes needs role")
+        if self.method == "cert" and not (self.cert_file and self.key_file):
+            raise ValueError("method cert needs cert_file and key_file")
         return self
 
 

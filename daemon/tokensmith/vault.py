@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import ssl
+import stat
 import threading
 from typing import Callable
 
@@ -38,7 +41,7 @@ RETRYABLE = (vault_exc.RateLimitExceeded, vault_exc.InternalServerError, vault_e
 SAFE_PHRASES = ("permission denied", "invalid role or secret ID", "Vault is sealed", "no handler for route",
                 "check-and-set parameter did not match the current version", "invalid role name",
                 "role not found", "service account name not authorized", "namespace not authorized",
-                "lookup failed", "not authorized")
+                "lookup failed", "not authorized", "invalid certificate or no client certificate supplied")
 CAS_MISMATCH = "check-and-set parameter did not match"
 DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
 
@@ -122,6 +125,8 @@ class VaultClient:
         verify = str(config.ca_bundle) if config.ca_bundle else True
         session = DeadlineSession(config.timeout)
         session.verify = verify
+        if config.auth.method == "cert":  # presented on every connection; urllib3 reads the files per connection
+            session.cert = (str(config.auth.cert_file), str(config.auth.key_file))
         self._hvac = hvac.Client(url=config.address, namespace=config.namespace, verify=verify,
                                  timeout=config.timeout, session=session)
         self._lock = threading.Lock()
@@ -297,6 +302,13 @@ class VaultClient:
                 secret_id = (auth.secret_id.get_secret_value() if auth.secret_id
                              else self._read_file(auth.secret_id_file, client, error_cls))
                 self._hvac.auth.approle.login(auth.role_id, secret_id.strip(), mount_point=auth.mount_point or "approle")
+            elif auth.method == "cert":
+                where += (f" at auth/{auth.mount_point or 'cert'}" + (f" as role {auth.role}" if auth.role else "")
+                          + f" with certificate {auth.cert_file}")
+                self._check_cert(client, error_cls)
+                self._hvac.adapter.session.close()  # pooled connections still present the old certificate
+                self._hvac.auth.cert.login(name=auth.role or "", cert_pem=str(auth.cert_file),
+                                           key_pem=str(auth.key_file), mount_point=auth.mount_point or "cert")
             else:
                 where += f" at auth/{auth.mount_point or 'kubernetes'} as role {auth.role}"
                 jwt = self._read_file(auth.jwt_file, client, error_cls)
@@ -309,6 +321,29 @@ class VaultClient:
                 error.retryable = False  # bad credentials or role: logging in again will not help
             raise error from exc
         self._logins += 1
+
+    def _check_cert(self, client: str | None, error_cls: type[TokensmithError]) -> None:
+        """Re-read at every login, so rotated files are used without a restart; the key stays private."""
+        auth = self.config.auth
+        try:
+            fd = os.open(auth.key_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise error_cls(f"cannot read vault.auth.key_file {auth.key_file}: {exc.strerror}",
+                            client=client, retryable=False) from exc
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise error_cls(f"vault.auth.key_file {auth.key_file} is accessible by group or others "
+                            f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it", client=client, retryable=False)
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(auth.cert_file, auth.key_file, password=b"")
+        except ssl.SSLError as exc:
+            raise error_cls(f"vault.auth.cert_file {auth.cert_file} and key_file {auth.key_file} are not a "
+                            f"usable PEM certificate and unencrypted private key ({exc.reason or 'unreadable'})",
+                            client=client, retryable=False) from exc
+        except OSError as exc:
+            raise error_cls(f"cannot read vault.auth.cert_file {auth.cert_file}: {exc.strerror}",
+                            client=client, retryable=False) from exc
 
     @staticmethod
     def _read_file(path, client: str | None, error_cls: type[TokensmithError]) -> str:
@@ -329,7 +364,8 @@ class VaultClient:
             retryable = isinstance(exc, RETRYABLE) or CAS_MISMATCH in reason
             return error_cls(f"{what}: {reason}", client=client, retryable=retryable)
         if isinstance(exc, requests.exceptions.SSLError):
-            return error_cls(f"{what}: TLS verification with {self.config.address} failed (check vault.ca_bundle)",
+            check = "vault.ca_bundle" + (" and vault.auth.cert_file" if self.config.auth.method == "cert" else "")
+            return error_cls(f"{what}: TLS verification with {self.config.address} failed (check {check})",
                              client=client, retryable=False)
         if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
             kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot connect"
