@@ -39,6 +39,7 @@ from run import (BENCH, PYTHON, RESULTS, ROOT, TOKENSMITH, Project, Sampler, Tok
                  cpu_seconds, log, stop, vault_dev)
 
 LEASE_TTL, RENEW_EVERY = 15, 5
+REFRESH = {"min_lead": 10}
 
 
 class CountingServer(TokenServer):
@@ -92,7 +93,7 @@ def wait_first_tokens(sampler: Sampler, daemon: subprocess.Popen, root: Path, ti
 
 def cpu_phase(workdir: Path, server: CountingServer, vault: dict, backend: str, label: str, clients: int,
               window: float) -> dict:
-    project = Project(workdir / label, server, clients, fmt="json", refresh={"min_lead": 10},
+    project = Project(workdir / label, server, clients, fmt="json", refresh=REFRESH,
                       vault=vault if backend == "vault" else None,
                       settings=settings_for(backend, f"bench/{label}"))
     sampler = Sampler(project)
@@ -130,7 +131,7 @@ def cpu_phase(workdir: Path, server: CountingServer, vault: dict, backend: str, 
 
 def failover(workdir: Path, server: CountingServer, vault: dict, clients: int, after: float) -> dict:
     prefix = "bench/failover"
-    project = Project(workdir / "failover", server, clients, fmt="json", refresh={"min_lead": 10}, vault=vault,
+    project = Project(workdir / "failover", server, clients, fmt="json", refresh=REFRESH, vault=vault,
                       settings=settings_for("vault", prefix, "replica-a"))
     config_b = json.loads(project.config.read_text())
     config_b.update(state_dir=str(project.root / "state-b"), runtime_dir=str(project.root / "run-b"),
@@ -247,19 +248,21 @@ def summarise(phases: list[dict]) -> dict:
 
 
 def markdown(results: dict) -> str:
-    s, f = results["summary"], results.get("failover") or {}
+    s, f = results.get("summary"), results.get("failover") or {}
     n = results["clients"]
     lines = [f"## Benchmark at {n:,} clients", "",
              f"`python bench/ha.py {results['argv']}` on {results['date']}: {results['cores']} cores "
              f"({results['machine']}), shared with other jobs — load average {' '.join(results['loadavg_at_start'])} "
              f"at the start, {' '.join(results['loadavg_at_end'])} at the end; wall {results['wall_s']:.0f} s. "
              f"{n:,} clients, 60 s tokens with rotating refresh tokens (bench/hautil.py, the bench token "
-             f"server counting reuse), file credentials, one file sink each, `refresh.min_lead: 10`; OpenBao dev "
+             f"server counting reuse), file credentials, one file sink each, `refresh.min_lead: {results['min_lead_s']:g}`; OpenBao dev "
              f"server (single node, in-memory) for `state: vault`. {results['rounds']} rounds of file then vault, each "
              f"phase a fresh daemon, measured over a {results['window_s']:.0f} s window that starts when every "
              f"client's first token is in its sink. CPU is the daemon's utime+stime over the window divided by the "
              f"tokens the endpoint issued in it; stale client-seconds count, every second, sinks whose token was "
-             f"missing or expired.", "",
+             f"missing or expired.", ""]
+    if s:
+        lines += [
              "| | file | vault | vault / file |", "|---|---|---|---|",
              f"| daemon CPU per refresh, ms (median; each phase) | {s['file']['median']} ({', '.join(map(str, s['file']['cpu_ms_per_refresh']))}) "
              f"| {s['vault']['median']} ({', '.join(map(str, s['vault']['cpu_ms_per_refresh']))}) "
@@ -308,8 +311,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="file+vault pairs")
     parser.add_argument("--after", type=float, default=40, help="seconds observed after the takeover")
     parser.add_argument("--no-failover", action="store_true")
+    parser.add_argument("--failover-only", action="store_true")
+    parser.add_argument("--min-lead", type=float, default=10, help="refresh.min_lead of every client (s)")
     parser.add_argument("--docs", action="store_true", help="write the section in docs/ha.md")
     args = parser.parse_args(argv)
+    REFRESH["min_lead"] = args.min_lead
     clients = args.clients or (1000 if args.quick else 5000)
     window = args.window or (60.0 if args.quick else 90.0)
     import compileall
@@ -323,7 +329,7 @@ def main(argv=None) -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(),
                      "machine": platform.platform(), "python": platform.python_version(),
                      "argv": " ".join(sys.argv[1:] if argv is None else argv), "clients": clients,
-                     "window_s": window, "rounds": args.rounds, "loadavg_at_start": loadavg()}
+                     "window_s": window, "rounds": args.rounds, "min_lead_s": args.min_lead, "loadavg_at_start": loadavg()}
     began = time.monotonic()
     server = CountingServer(60)
     bao, address, root_token = vault_dev()
@@ -331,7 +337,7 @@ def main(argv=None) -> int:
         ensure_kv2(address, root_token)
         vault = {"address": address, "allow_insecure_http": True, "auth": {"method": "token", "token": root_token}}
         phases = []
-        for round_ in range(args.rounds):
+        for round_ in range(0 if args.failover_only else args.rounds):
             for backend in ("file", "vault"):
                 phases.append(cpu_phase(workdir, server, vault, backend, f"{backend}-{round_}", clients, window))
         results["phases"] = phases
