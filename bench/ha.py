@@ -40,6 +40,7 @@ from run import (BENCH, PYTHON, RESULTS, ROOT, TOKENSMITH, Project, Sampler, Tok
 
 LEASE_TTL, RENEW_EVERY = 15, 5
 REFRESH = {"min_lead": 10}
+EXTRA: dict = {}  # more top-level settings (--max-workers)
 
 
 class CountingServer(TokenServer):
@@ -75,8 +76,8 @@ def ensure_kv2(address: str, token: str) -> None:
 
 def settings_for(backend: str, prefix: str, identity: str = "r0") -> dict:
     if backend == "file":
-        return {"state": {"type": "file"}}
-    return {"state": {"type": "vault", "mount": "secret", "prefix": prefix},
+        return {**EXTRA, "state": {"type": "file"}}
+    return {**EXTRA, "state": {"type": "vault", "mount": "secret", "prefix": prefix},
             "leader": {"lease_ttl": LEASE_TTL, "renew_every": RENEW_EVERY, "identity": identity}}
 
 
@@ -250,6 +251,8 @@ def summarise(phases: list[dict]) -> dict:
 def markdown(results: dict) -> str:
     s, f = results.get("summary"), results.get("failover") or {}
     n = results["clients"]
+    if not s or not s["file"]["median"] or not s["vault"]["median"]:
+        s = None
     lines = [f"## Benchmark at {n:,} clients", "",
              f"`python bench/ha.py {results['argv']}` on {results['date']}: {results['cores']} cores "
              f"({results['machine']}), shared with other jobs — load average {' '.join(results['loadavg_at_start'])} "
@@ -312,10 +315,14 @@ def main(argv=None) -> int:
     parser.add_argument("--after", type=float, default=40, help="seconds observed after the takeover")
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--failover-only", action="store_true")
+    parser.add_argument("--backends", default="file,vault", help="which CPU phases each round runs")
+    parser.add_argument("--max-workers", type=int, help="scheduler.max_workers (default: tokensmith's, 8)")
     parser.add_argument("--min-lead", type=float, default=10, help="refresh.min_lead of every client (s)")
     parser.add_argument("--docs", action="store_true", help="write the section in docs/ha.md")
     args = parser.parse_args(argv)
     REFRESH["min_lead"] = args.min_lead
+    if args.max_workers:
+        EXTRA["scheduler"] = {"max_workers": args.max_workers}
     clients = args.clients or (1000 if args.quick else 5000)
     window = args.window or (60.0 if args.quick else 90.0)
     import compileall
@@ -329,7 +336,8 @@ def main(argv=None) -> int:
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(),
                      "machine": platform.platform(), "python": platform.python_version(),
                      "argv": " ".join(sys.argv[1:] if argv is None else argv), "clients": clients,
-                     "window_s": window, "rounds": args.rounds, "min_lead_s": args.min_lead, "loadavg_at_start": loadavg()}
+                     "window_s": window, "rounds": args.rounds, "min_lead_s": args.min_lead,
+                     "max_workers": args.max_workers or 8, "loadavg_at_start": loadavg()}
     began = time.monotonic()
     server = CountingServer(60)
     bao, address, root_token = vault_dev()
@@ -338,7 +346,7 @@ def main(argv=None) -> int:
         vault = {"address": address, "allow_insecure_http": True, "auth": {"method": "token", "token": root_token}}
         phases = []
         for round_ in range(0 if args.failover_only else args.rounds):
-            for backend in ("file", "vault"):
+            for backend in args.backends.split(","):
                 phases.append(cpu_phase(workdir, server, vault, backend, f"{backend}-{round_}", clients, window))
         results["phases"] = phases
         results["summary"] = summarise(phases)
