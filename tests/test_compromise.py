@@ -284,9 +284,16 @@ def make_keeper(server, tmp_path, *, sinks=None, **fields):
     return keeper
 
 
-def rotate(keeper, tmp_path, **options):
+def rotate(keeper, tmp_path, verify_url=None, **options):
+    """verify_url, when given, becomes the client's configured `verify_url`: only the config names
+    the resource both tokens are shown to."""
     from tokensmith.compromise import rotate_compromised
 
+    if verify_url is not None:
+        from tokensmith.config import ClientConfig
+
+        keeper.client = ClientConfig.model_validate({**keeper.client.model_dump(),
+                                                     "verify_url": verify_url})
     return rotate_compromised(keeper, audit_path=tmp_path / "kaudit" / "audit.log",
                               operator={"uid": 0, "user": "test"}, **options)
 
@@ -507,7 +514,8 @@ def test_the_audit_line_names_tokens_only_by_fingerprint_and_is_0600(server, tmp
     assert old not in text and keeper.state.access_token not in text and "pw-alice" not in text
     assert line["old_token"] == fingerprint(old) and line["operator"] == {"uid": 0, "user": "test"}
     assert set(line) == {"time", "client", "operator", "old_token", "new_token", "grant", "reload_credentials",
-                         "steps", "invalidation", "verification", "sinks", "hooks", "result", "exit_code"}
+                         "steps", "invalidation", "verification", "sinks", "purged", "hooks", "result", "exit_code"}
+    assert line["purged"] == {"memory:a": "nothing to remove: no version history"}
     assert line["time"].endswith("Z") and line["exit_code"] == result["exit_code"] == 0
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
@@ -544,6 +552,9 @@ def test_a_rotation_requested_while_one_runs_is_coalesced_into_it(server, tmp_pa
             pass
 
         def sink_failure(self, *args):
+            pass
+
+        def sink_success(self, *args):
             pass
 
     keeper.metrics = StartSecondDuringTheFirst()
@@ -598,7 +609,7 @@ def test_verify_url_reports_what_the_resource_said(server):
         other.add_client("x", "x-secret")
     assert verify_with_resource(server.resource_url, "not-a-token", "also-not", timeout=5) == \
         "failed: new token got HTTP 401"
-    assert verify_with_resource(other.resource_url, "a", "b", timeout=5) == "error: ConnectionError"
+    assert verify_with_resource(other.resource_url, "a", "b", timeout=5) == "error: ConnectionRefusedError"
 
 
 class Resource:
@@ -666,7 +677,9 @@ def test_verify_url_does_not_follow_a_redirect_with_a_token(resource):
     assert elsewhere.seen == []
 
 
-def test_verify_url_ignores_proxies_from_the_environment(resource, monkeypatch):
+def test_verify_url_follows_the_clients_proxy_setting_not_a_separate_rule(resource, monkeypatch):
+    """The resource check goes the way every call of the client goes: the client's `proxy: none`
+    overrules the environment's proxy; without a `proxy` setting the environment's proxy is used."""
     from tokensmith.compromise import verify_with_resource
 
     with socket.socket() as probe:
@@ -677,7 +690,11 @@ def test_verify_url_ignores_proxies_from_the_environment(resource, monkeypatch):
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     r = resource({"Bearer new": (200, {})})
-    assert verify_with_resource(r.url, "old", "new", timeout=5) == "verified"
+    assert verify_with_resource(r.url, "old", "new", timeout=5, proxy="none") == "verified"
+    assert r.seen == ["Bearer old", "Bearer new"]
+    via_env = verify_with_resource(r.url, "old", "new", timeout=5)
+    assert via_env == f"error: cannot reach proxy 127.0.0.1:{dead} (Connection refused)"
+    assert r.seen == ["Bearer old", "Bearer new"], "the environment's proxy was bypassed"
 
 
 def test_verify_url_over_tls_trusts_exactly_the_configured_ca_bundle(resource, tmp_path):
@@ -692,8 +709,10 @@ def test_verify_url_over_tls_trusts_exactly_the_configured_ca_bundle(resource, t
     context.load_cert_chain(cert, key)
     r = resource({"Bearer new": (200, {})}, ssl_context=context)
     assert verify_with_resource(r.url, "old", "new", timeout=5, ca_bundle=cert) == "verified"
-    assert verify_with_resource(r.url, "old", "new", timeout=5, ca_bundle=other) == "error: SSLError"
-    assert verify_with_resource(r.url, "old", "new", timeout=5) == "error: SSLError", "system store must not trust it"
+    assert verify_with_resource(r.url, "old", "new", timeout=5, ca_bundle=other) == "error: TLS verification failed"
+    assert verify_with_resource(r.url, "old", "new", timeout=5) == "error: TLS verification failed", \
+        "system store must not trust it"
+    assert r.seen == ["Bearer old", "Bearer new"], "a token was sent over an unverified connection"
 
 
 def test_an_operator_without_a_passwd_entry_is_named_from_the_login(monkeypatch):
@@ -813,7 +832,7 @@ def test_verify_url_uses_the_clients_timeout_and_ca_bundle(server, tmp_path, res
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         hung = rotate(keeper, tmp_path, verify_url=f"http://127.0.0.1:{silent.getsockname()[1]}/r")
-    assert hung["verify_url"] == "error: ReadTimeout"
+    assert hung["verify_url"] == "error: timed out after 0.5s"
 
 
 def test_result_messages_say_what_happened(server, tmp_path):

@@ -1,5 +1,6 @@
 """`tokensmith run` end to end: a real process, the real scheduler, real signals, short lifetimes."""
 
+import datetime
 import json
 import os
 import signal
@@ -70,7 +71,9 @@ def test_restart_keeps_the_fresh_token_and_continues_the_refresh_chain(project, 
         # the restarted daemon kept the token and scheduled its refresh for later, rather than
         # refreshing now (a state to read, not a window to wait through)
         [status] = json.loads(project.cli("status", "--json").stdout)["clients"]
-        assert status["token"] == fingerprint(token) and status["next_refresh"] > time.time() + 5
+        next_refresh = datetime.datetime.strptime(status["next_refresh"], "%Y-%m-%dT%H:%M:%SZ")  # --json: ISO UTC
+        next_refresh = next_refresh.replace(tzinfo=datetime.timezone.utc).timestamp()
+        assert status["token"] == fingerprint(token) and next_refresh > time.time() + 5
         assert "kept token" in again.log
         assert project.token("form") == token and server.stats["issued"] == issued
         result = project.cli("rotate", "form")

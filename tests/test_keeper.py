@@ -11,6 +11,7 @@ from tokensmith.config import ClientConfig, FileSinkConfig
 from tokensmith.devserver import OAuthServer
 from tokensmith.errors import TokenEndpointError
 from tokensmith.keeper import Keeper
+from tokensmith.metrics import reason_label
 from tokensmith.sinks.file import FileSink
 from tokensmith.sources import Credentials
 from tokensmith.state import StateStore
@@ -474,17 +475,23 @@ class RecordingMetrics:
 
     def refresh_result(self, client, ok, reason, seconds, token):
         assert seconds >= 0
+        if not ok:  # the keeper hands over the error itself; the metric keeps only its bounded label
+            assert isinstance(reason, BaseException)
+            reason = reason_label(reason)
         self.calls.append(("result", client, ok, reason, token.fingerprint if token else None))
 
     def sink_failure(self, client, sink_type):
         self.calls.append(("sink_failure", client, sink_type))
+
+    def sink_success(self, client, sink, when):
+        self.calls.append(("sink_success", client, sink, when))
 
 
 def test_status_before_any_token_and_after_one(server, clock, tmp_path):
     keeper = make_keeper(server, clock, tmp_path)
     assert keeper.status() == {"client": "c1", "token": None, "expires_at": None, "valid": False, "last_refresh": None,
                                "last_grant": None, "next_refresh": None, "refresh_token_held": False, "failures": 0,
-                               "last_error": None, "alert": None, "sinks_pending": []}
+                               "last_error": None, "alert": None, "sinks_pending": [], "busy_since": None}
     assert not keeper.ready()
     clock.advance(0.5)
     keeper.run_due()
@@ -492,7 +499,7 @@ def test_status_before_any_token_and_after_one(server, clock, tmp_path):
     assert keeper.status() == {"client": "c1", "token": state.token.fingerprint, "expires_at": int(state.expires_at),
                                "valid": True, "last_refresh": int(clock()), "last_grant": "password",
                                "next_refresh": int(keeper.next_due()), "refresh_token_held": True, "failures": 0,
-                               "last_error": None, "alert": None, "sinks_pending": []}
+                               "last_error": None, "alert": None, "sinks_pending": [], "busy_since": None}
     assert keeper.ready()
     clock.advance(state.expires_at - clock())
     assert keeper.status()["valid"] is False and not keeper.ready(), "a token at its expiry instant is not valid"
@@ -570,7 +577,9 @@ def test_a_sink_that_raises_unexpectedly_does_not_stop_the_others(server, clock,
     keeper = make_keeper(server, clock, tmp_path, sinks=[Broken("memory:broken"), good])
     keeper.metrics = metrics = RecordingMetrics()
     outcome = keeper.refresh(reason="test")
-    assert outcome.ok and outcome.sinks == {"memory:broken": "unexpected RuntimeError", "memory:good": None}
+    raised_at = f"test_keeper.py:{Broken.write.__code__.co_firstlineno + 1}"
+    assert outcome.ok and outcome.sinks == {"memory:broken": f"sink memory:broken: unexpected RuntimeError at {raised_at}",
+                                            "memory:good": None}
     assert not outcome.sinks_ok and good.current.access_token == keeper.state.access_token
     assert ("sink_failure", "c1", "memory") in metrics.calls
     assert keeper.pending_sinks() == [keeper.sinks[0]]
@@ -714,13 +723,15 @@ def test_sink_failures_are_reported_and_logged_by_name(server, clock, tmp_path, 
     with caplog.at_level("INFO", logger="tokensmith"):
         outcome = keeper.refresh()
     assert outcome.reason == "manual"
+    # an unexpected exception is named by its type and the line that raised it, never by its text
+    unexpected = f"sink memory:broken: unexpected RuntimeError at test_keeper.py:{Broken.write.__code__.co_firstlineno + 1}"
     assert outcome.sinks == {"memory:failing": "memory:failing: injected failure 1",
-                             "memory:broken": "unexpected RuntimeError", "memory:a": None}
+                             "memory:broken": unexpected, "memory:a": None}
     failed = [r for r in caplog.records if getattr(r, "event", None) == "sink_failed"]
     assert [(r.levelname, r.client, r.getMessage()) for r in failed] == [
         ("ERROR", "c1", "sink memory:failing failed: memory:failing: injected failure 1"),
-        ("ERROR", "c1", "sink memory:broken raised unexpectedly")]
-    assert failed[1].exc_info is not None
+        ("ERROR", "c1", unexpected)]
+    assert failed[1].reason == "InternalError" and unexpected in keeper.state.last_error
     assert any("(manual)" in r.getMessage() for r in caplog.records if getattr(r, "event", None) == "refreshed")
 
 

@@ -973,6 +973,7 @@ def test_fuzzed_responses_give_a_token_or_a_typed_error(report):
 # ---- parse_token_response and friends: exact errors and boundaries (kills the mutants that
 # scripts/mutation found surviving; docs/testing.md)
 
+from tokensmith.redact import Redactor  # noqa: E402
 from tokensmith.tokenclient import _describe, _number, parse_retry_after  # noqa: E402
 
 
@@ -981,7 +982,8 @@ from tokensmith.tokenclient import _describe, _number, parse_retry_after  # noqa
     (b"[1]", "body is not a JSON object"),
     (b'{"token_type": "Bearer"}', "access_token is missing"),
     (b'{"access_token": "a b"}', "access_token holds characters a token cannot have"),
-    (b'{"access_token": "abc", "token_type": 7}', "token_type is not a short string"),
+    (b'{"access_token": "abc", "token_type": 7}', "token_type is not one of Bearer, DPoP, N_A, MAC"),
+    (b'{"access_token": "abc", "token_type": "Bearerx"}', "token_type is not one of Bearer, DPoP, N_A, MAC"),
     (b'{"access_token": "abc", "refresh_token": 7}', "refresh_token is not a token string"),
     (b'{"access_token": "abc", "expires_in": "soon"}', "expires_in is not a number"),
     (b'{"access_token": "abc", "expires_in": 0.5}', "expires_in is under one second"),
@@ -1004,9 +1006,12 @@ def test_size_limits_are_inclusive():
     assert parse({"access_token": "a" * 16384}).access_token == "a" * 16384
     with pytest.raises(TokenEndpointError):
         parse({"access_token": "a" * 16385})
-    assert parse({"access_token": "abc", "token_type": "T" * 64}).token_type == "T" * 64
-    with pytest.raises(TokenEndpointError):
-        parse({"access_token": "abc", "token_type": "T" * 65})
+
+
+@pytest.mark.parametrize("sent, kept", [("bearer", "Bearer"), ("BEARER", "Bearer"), ("dpop", "DPoP"),
+                                        ("n_a", "N_A"), ("Mac", "MAC")])
+def test_token_type_is_taken_case_insensitively_and_spelt_the_standard_way(sent, kept):
+    assert parse({"access_token": "abc", "token_type": sent}).token_type == kept
 
 
 def test_one_second_is_the_shortest_lifetime_taken():
@@ -1045,7 +1050,7 @@ def test_retry_after_is_capped_at_an_hour_and_never_negative():
 
 
 def test_describe_redacts_secrets_and_token_like_words_and_keeps_one_short_line():
-    assert _describe("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret [redacted] here"
-    assert _describe("token abcdefghijklmnopqrstuvwxyz0123 seen", []) == "token [redacted] seen"
-    assert _describe("two\nlines\x00", []) == "two lines "
-    assert _describe("word " * 100, []) == ("word " * 40)[:200]
+    assert _describe("bad secret s3cr3t here", Redactor(["s3cr3t"])) == "bad secret [redacted] here"
+    assert _describe("token abcdefghijklmnopqrstuvwxyz0123 seen", Redactor([])) == "token [redacted] seen"
+    assert _describe("two\nlines\x00", Redactor([])) == "two lines "
+    assert _describe("word " * 100, Redactor([])) == ("word " * 40)[:200]

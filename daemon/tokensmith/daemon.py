@@ -510,9 +510,9 @@ class Daemon:
         signal.signal(signal.SIGHUP, on_reload)
 
     def run_forever(self) -> int:
-        total = len(self.keepers)
         # a standby has no tokens of its own to wait for, and a leader is elected only after a ttl
         missing = [] if self.leadership else self.wait_first_tokens(self.settings.scheduler.ready_timeout)
+        total = len(self.keepers)  # after the wait: a SIGHUP during start-up may have added or removed clients
         if self.leadership:
             status = f"{total} clients; leader election under way"
         elif missing:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def make_dirs(path: str | os.PathLike, mode: int = 0o700, parent_mode: int = 0o7
     except FileExistsError:
         if os.path.isdir(path):
             return False
-        raise
+        # a file where a directory belongs: say so, not "File exists" about a path the user never named
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), path) from None
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         os.fchmod(fd, mode)

@@ -121,7 +121,12 @@ class StateStore:
             if exc.errno == errno.ELOOP:
                 raise self._set_aside(path, client, "is a symlink") from None
             raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
-        with open(fd, "rb") as handle:
+        try:
+            handle = open(fd, "rb")
+        except OSError as exc:  # a directory: open() refuses it and leaves fd to us
+            os.close(fd)
+            raise StateError(f"cannot read state file {path}: {exc.strerror}", client=client) from exc
+        with handle:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise self._set_aside(path, client, "is not a regular file")
