@@ -90,7 +90,6 @@ def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: f
         return f"error: timed out after {timeout:g}s"
     except ProxyError as exc:
         return f"error: {exc}"
-        return f"error: timed out after {timeout:g}s"
     except (ssl.SSLError, TLSSetupError):
         return "error: TLS verification failed"
     except (OSError, ValueError, BodyError, http.client.HTTPException) as exc:
