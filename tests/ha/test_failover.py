@@ -200,9 +200,11 @@ def test_standby_status_readiness_metrics_and_rotate_refusal(tmp_path, vault_kv,
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read().decode()
 
-        status = cli(standby, "status")
+        # a standby shows the lease as it last read it: at start-up it may have read it before the leader won
+        named = re.compile(rf"leader: {leader.name} \(epoch 1, lease expires in [0-9.]+s\)")
+        status = wait_for(lambda: (lambda result: result if named.search(result.stdout) else None)(
+            cli(standby, "status")), 15, interval=0.5)
         assert f"state backend: vault secret/{cluster.prefix}/leader" in status.stdout
-        assert re.search(rf"leader: {leader.name} \(epoch 1, lease expires in [0-9.]+s\)", status.stdout), status.stdout
         assert f"this replica: {standby.name}, standby" in status.stdout
         assert f"this replica: {leader.name}, active" in cli(leader, "status").stdout
 
