@@ -407,18 +407,28 @@ class HttpPool:
                 headers = {**headers, "Proxy-Authorization": proxy.authorization}
         request = request_bytes(method, host, port, default_port, target, headers, body)
         sock = self._checkout(key)
-        try:
-            if sock is None:
-                context = (ssl_context or self._context(ca_bundle)) if https else None
-                sock = self._connect(host, port, context, deadline, proxy)
-            sock.settimeout(remaining(deadline))
-            sock.sendall(request)
-            wire = Wire(sock, deadline)
-            status, fields, keep_alive = wire.head()
-        except BaseException:
-            if sock is not None:
+        while True:
+            reused = sock is not None
+            try:
+                if sock is None:
+                    context = (ssl_context or self._context(ca_bundle)) if https else None
+                    sock = self._connect(host, port, context, deadline, proxy)
+                sock.settimeout(remaining(deadline))
+                sock.sendall(request)
+                wire = Wire(sock, deadline)
+                status, fields, keep_alive = wire.head()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 sock.close()
-            raise
+                sock = None
+                # An idle keep-alive connection the peer closed just as it was reused: an idempotent GET is
+                # sent once more on a new one (RFC 9110 §9.2.2); a POST is not, it may have been received.
+                if not (reused and method == "GET"):
+                    raise
+            except BaseException:
+                if sock is not None:
+                    sock.close()
+                raise
         try:
             data, reusable = wire.body(status, fields, keep_alive, max_body)
         except BaseException as exc:
