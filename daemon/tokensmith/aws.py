@@ -58,11 +58,11 @@ class DeadlineSender:
         return getattr(self._http, name)
 
 
-def make_client(service: str, config: AwsConfig | None) -> Any:
+def make_client(service: str, config: AwsConfig | None, pool_size: int = 10) -> Any:
     config = config or AwsConfig()
     # total_max_attempts counts the first request; botocore's "max_attempts" counts retries only
     settings = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=config.timeout,
-                      read_timeout=config.timeout)
+                      read_timeout=config.timeout, max_pool_connections=max(pool_size, 10))
     try:
         # a Session per client: boto3's default session is not thread-safe, its clients are
         client = boto3.session.Session().client(service, region_name=config.region, endpoint_url=config.endpoint_url,

@@ -51,5 +51,7 @@ class Backends:
             if service not in self._aws:
                 from tokensmith.aws import make_client
 
-                self._aws[service] = make_client(service, self.settings.aws)
+                # a connection per worker: on a dynamodb state backend every refresh talks to the table
+                self._aws[service] = make_client(service, self.settings.aws,
+                                                 pool_size=self.settings.scheduler.max_workers)
             return self._aws[service]

@@ -415,6 +415,9 @@ class HealthConfig(Model):
         return listen
 
 
+SHARED_STATE_WORKERS = 32  # scheduler.max_workers unless set, with a vault or dynamodb state backend
+
+
 class SchedulerConfig(Model):
     max_workers: int = Field(8, ge=1, le=256)
     ready_timeout: float = Field(30.0, gt=0)
@@ -491,6 +494,20 @@ class Settings(BaseModel):
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_state_workers(cls, data: Any) -> Any:
+        """On a shared state backend each refresh mostly waits on the store's network round trips,
+        so more workers by default; a max_workers the config sets stays as set."""
+        if not isinstance(data, dict):
+            return data
+        state, scheduler = data.get("state"), data.get("scheduler")
+        kind = state.get("type") if isinstance(state, dict) else getattr(state, "type", None)
+        if kind in ("vault", "dynamodb") and (scheduler is None or isinstance(scheduler, dict)) \
+                and "max_workers" not in (scheduler or {}):
+            data = {**data, "scheduler": {**(scheduler or {}), "max_workers": SHARED_STATE_WORKERS}}
+        return data
 
     @field_validator("control_operators", mode="before")
     @classmethod

@@ -274,6 +274,7 @@ def for_daemon(daemon):
     if not daemon.serve:  # a CLI without a daemon here must not write a store that a leader elsewhere owns
         leadership = LocalLeadership(lease, settings)
         store.fence = leadership.fence
+        store.tenure = leadership.elector.tenure
         store.epoch = leadership.epoch
         return leadership
     config = settings.leader
@@ -286,17 +287,19 @@ def for_daemon(daemon):
     leadership = Leadership(lease, settings, on_elected=daemon._take_over, on_deposed=daemon._step_down,
                             metrics=daemon.metrics, max_deadline=max(client.timeout for client in settings.clients))
     store.fence = leadership.fence
+    store.tenure = leadership.elector.tenure
     if daemon.metrics is not None:
         instrument(store, daemon.metrics)
     return leadership
 
 
 def instrument(store, metrics) -> None:
-    """Time the shared store's reads and writes for /metrics (a fenced write is no store error)."""
-    for op in ("load", "load_if_changed", "load_all", "save"):
-        method = getattr(store, op, None)
+    """Time the shared store's reads and writes for /metrics (a fenced write is no store error).
+    load_if_changed is timed where it reads (reread): a call answered without a request is no operation."""
+    for op, name in (("load", "load"), ("load_if_changed", "reread"), ("load_all", "load_all"), ("save", "save")):
+        method = getattr(store, name, None)
         if method is not None:
-            setattr(store, op, _timed(method, op, metrics))
+            setattr(store, name, _timed(method, op, metrics))
 
 
 def _timed(method, op, metrics):

@@ -99,6 +99,7 @@ class Elector:
         self.observed: LeaseRecord | None = None  # the last record read, and when it was first seen
         self.observed_at = 0.0
         self.fresh = True  # has not held the lease in this process: its own name on the record is an earlier run
+        self.term = 0  # bumped at every acquisition: one uninterrupted holding of the lease
 
     # ---- asked by the keepers and the state backend (no I/O)
 
@@ -110,6 +111,14 @@ class Elector:
     def epoch(self) -> int:
         held = self.held
         return held.epoch if held else 0
+
+    def tenure(self) -> int | None:
+        """Which uninterrupted holding of the lease this is (a new number at every acquisition), None
+        when not leading. Renewals keep it: each is a check-and-set on the version this holder wrote,
+        so nobody else held the lease in between, and nobody else wrote state."""
+        if not self.is_leader:
+            return None
+        return self.term  # read after is_leader: _take bumps it before the new holding is visible
 
     def remaining(self) -> float:
         if self.held is None:
@@ -173,6 +182,7 @@ class Elector:
 
     def _take(self, current: LeaseRecord | None, *, epoch: int, sent: float) -> bool:
         record = LeaseRecord(self.identity, epoch, self.ttl, 0, self.wall())
+        self.term += 1  # before held is set: no reader may pair the new holding with the old term
         try:
             self.held = self.lease.write(record, current.version if current else 0)
         except LeaseLost:

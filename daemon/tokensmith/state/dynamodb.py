@@ -33,7 +33,9 @@ class DynamoStateStore(SharedStateStore):
 
     @classmethod
     def from_settings(cls, settings, backends) -> "DynamoStateStore":
-        return cls(settings.state, lambda: backends.aws("dynamodb"), settings.state_dir)
+        store = cls(settings.state, lambda: backends.aws("dynamodb"), settings.state_dir)
+        store.workers = settings.scheduler.max_workers
+        return store
 
     @property
     def db(self):
@@ -56,6 +58,10 @@ class DynamoStateStore(SharedStateStore):
             TableName=self.table, Key={"pk": {"S": CLIENT + client}}, ConsistentRead=True)).get("Item")
         if not item:
             return None, 0
+        return self._record(item)
+
+    @staticmethod
+    def _record(item: dict) -> tuple[dict | None, int]:
         try:
             version = int(item["version"]["N"])
             record = {"state": item["state"]["S"], "epoch": int(item.get("epoch", {}).get("N", 0)),
@@ -63,6 +69,12 @@ class DynamoStateStore(SharedStateStore):
         except (KeyError, TypeError, ValueError):
             return {"state": None}, int((item.get("version") or {}).get("N", 0) or 0)
         return record, version
+
+    def _read_all(self) -> list[tuple[str, dict | None, int]]:
+        """One strongly consistent Scan, page by page: the table holds this deployment's items only
+        (client#, the lease, audit#), and the client items carry their state, so nothing is read twice."""
+        items = sorted(self._scan(CLIENT), key=lambda item: item["pk"]["S"])
+        return [(item["pk"]["S"][len(CLIENT):], *self._record(item)) for item in items]
 
     def _write(self, client: str, record: dict, cas: int) -> int | None:
         from tokensmith.aws import error_code

@@ -14,6 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from tokensmith.errors import StateError
 from tokensmith.state import ClientState, StaleStateError, check_types
@@ -57,7 +58,11 @@ class SharedStateStore:
         self.epoch = 0
         self.fence = None
         self.versions: dict[str, int] = {}  # per client: the version this object last read or wrote
+        # Set by leadership: which uninterrupted holding of the lease this is (None: not leading).
+        self.tenure: Callable[[], int | None] | None = None
+        self.written: dict[str, int] = {}  # per client: the tenure in which this object wrote versions[client]
         self.writer = secrets.token_hex(8)  # tells this object's own committed write from another's equal one
+        self.workers = 8  # reads at once in load_all: the daemon's scheduler.max_workers
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -103,9 +108,19 @@ class SharedStateStore:
         return state
 
     def load_if_changed(self, client: str) -> ClientState | None:
+        """None without a request when this object wrote the current version itself in the lease
+        holding still in force: any other writer needs the lease, and a deposed leader's late write
+        (checked against an older version) can no longer land on it. Otherwise one read."""
+        written = self.written.get(client)
+        if written is not None and self.tenure is not None and written == self.tenure():
+            return None
+        return self.reread(client)
+
+    def reread(self, client: str) -> ClientState | None:
         record, version = self._read(client)
         if version == 0:
             self.versions[client] = 0  # removed by an operator: the next save creates it again
+            self.written.pop(client, None)
             return None
         if version <= self.versions.get(client, -1):
             # unchanged, or a replica that has not caught up with a version this object has seen
@@ -113,34 +128,70 @@ class SharedStateStore:
         return self._decode(client, record, version)
 
     def load_all(self) -> dict[str, ClientState]:
+        """Every client's record (a standby's takeover), each as one consistent read."""
         states = {}
-        for client in self._list()[:MAX_CLIENTS]:
+        for client, record, version in self._read_all():
             try:
-                state = self.load(client)
-            except StateError as exc:
-                if exc.retryable:  # the store is failing: a partial takeover view is worse than none
-                    raise
+                state = self._decode(client, record, version)
+            except StateError:  # damaged: this client starts afresh, its next save replaces the record
                 continue
             if state is not None:
                 states[client] = state
         return states
 
+    def _read_all(self) -> list[tuple[str, dict | None, int]]:
+        """(client, record, version) for every listed client, up to `workers` reads at once. A
+        failing read (the store is failing) fails the whole: a partial takeover view is worse than none."""
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        def read(client: str) -> tuple[dict | None, int] | None:
+            try:
+                return self._read(client)
+            except StateError as exc:
+                if exc.retryable:
+                    raise
+                return None  # this record only (say, denied): the client starts afresh
+
+        clients = self._list()[:MAX_CLIENTS]
+        if not clients:
+            return []
+        with ThreadPoolExecutor(min(self.workers, len(clients)), thread_name_prefix="state-load") as pool:
+            futures = [pool.submit(read, client) for client in clients]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            failed = next((future for future in done if future.exception() is not None), None)
+            if failed is not None:
+                for future in futures:
+                    future.cancel()
+                raise failed.exception()
+        return [(client, *future.result()) for client, future in zip(clients, futures) if future.result()]
+
     def save(self, client: str, state: ClientState, *, sync_dir: bool = True) -> None:
         """sync_dir is the file backend's; a shared store acknowledges a write once it is durable."""
         if self.fence is not None:
             self.fence()
+        tenure = self.tenure() if self.tenure is not None else None  # before the write: see load_if_changed
         cas = self.versions.get(client, 0)
-        version = self._write(client, {**encode(state, self.epoch), "writer": self.writer}, cas)
+        record = {**encode(state, self.epoch), "writer": self.writer}
+        version = self._write(client, record, cas)
         if version is None:
+            self.written.pop(client, None)
             current, now = self._read(client)
             if now == cas + 1 and self._is_own_write(current, state):
                 # this write committed but its acknowledgement was lost (a failover or a timeout in
                 # flight), and the retry met its own version: that is success, not another writer
-                self.versions[client] = now
-                return
-            raise StaleStateError(f"another writer moved client {client} on (version {now}, this replica "
-                                  f"last saw version {cas}); nothing was written", client=client)
+                version = now
+            elif now == 0 and cas:
+                # removed by an operator since this object wrote it (nothing read in between): create it again
+                self.versions[client] = 0
+                version = self._write(client, record, 0)
+            if version is None:
+                raise StaleStateError(f"another writer moved client {client} on (version {now}, this replica "
+                                      f"last saw version {cas}); nothing was written", client=client)
         self.versions[client] = version
+        if tenure is None:
+            self.written.pop(client, None)
+        else:
+            self.written[client] = tenure
 
     def _is_own_write(self, record: dict | None, state: ClientState) -> bool:
         if not isinstance(record, dict) or record.get("epoch") != self.epoch or record.get("writer") != self.writer:
@@ -166,6 +217,7 @@ class SharedStateStore:
 
     def _decode(self, client: str, record: dict | None, version: int) -> ClientState | None:
         self.versions[client] = version  # also for a damaged record: the next save replaces it
+        self.written.pop(client, None)
         if record is None:
             return None
         try:
