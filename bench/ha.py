@@ -33,10 +33,12 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import (BENCH, PYTHON, RESULTS, ROOT, TOKENSMITH, Project, Sampler, TokenServer,  # noqa: E402
+                          cpu_seconds, log, stop)
+from bench.references import OpenBao  # noqa: E402
 from hautil import LogWatch  # noqa: E402
-from run import (BENCH, PYTHON, RESULTS, ROOT, TOKENSMITH, Project, Sampler, TokenServer,  # noqa: E402
-                 cpu_seconds, log, stop, vault_dev)
 
 LEASE_TTL, RENEW_EVERY = 15, 5
 REFRESH = {"min_lead": 10}
@@ -250,6 +252,12 @@ def summarise(phases: list[dict]) -> dict:
     return out
 
 
+def workers_text(workers) -> str:
+    if isinstance(workers, dict):
+        return ", ".join(f"{count} on {backend}" for backend, count in workers.items()) + " (the defaults)"
+    return f"{workers} on every backend"
+
+
 def markdown(results: dict) -> str:
     s, f = results.get("summary"), results.get("failover") or {}
     n = results["clients"]
@@ -261,7 +269,8 @@ def markdown(results: dict) -> str:
              f"at the start, {' '.join(results['loadavg_at_end'])} at the end; wall {results['wall_s']:.0f} s. "
              f"{n:,} clients, 60 s tokens with rotating refresh tokens (bench/hautil.py, the bench token "
              f"server counting reuse), file credentials, one file sink each, `refresh.min_lead: {results['min_lead_s']:g}`; OpenBao dev "
-             f"server (single node, in-memory) for `state: vault`. {results['rounds']} rounds of file then vault, each "
+             f"server (single node, in-memory) for `state: vault`; `scheduler.max_workers`: "
+             f"{workers_text(results['max_workers'])}. {results['rounds']} rounds of file then vault, each "
              f"phase a fresh daemon, measured over a {results['window_s']:.0f} s window that starts when every "
              f"client's first token is in its sink. CPU is the daemon's utime+stime over the window divided by the "
              f"tokens the endpoint issued in it; stale client-seconds count, every second, sinks whose token was "
@@ -318,7 +327,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-failover", action="store_true")
     parser.add_argument("--failover-only", action="store_true")
     parser.add_argument("--backends", default="file,vault", help="which CPU phases each round runs")
-    parser.add_argument("--max-workers", type=int, help="scheduler.max_workers (default: tokensmith's, 8)")
+    parser.add_argument("--max-workers", type=int,
+                        help="scheduler.max_workers (default: tokensmith's, 8 on file and 32 on vault)")
     parser.add_argument("--min-lead", type=float, default=10, help="refresh.min_lead of every client (s)")
     parser.add_argument("--docs", action="store_true", help="write the section in docs/ha.md")
     args = parser.parse_args(argv)
@@ -339,10 +349,11 @@ def main(argv=None) -> int:
                      "machine": platform.platform(), "python": platform.python_version(),
                      "argv": " ".join(sys.argv[1:] if argv is None else argv), "clients": clients,
                      "window_s": window, "rounds": args.rounds, "min_lead_s": args.min_lead,
-                     "max_workers": args.max_workers or 8, "loadavg_at_start": loadavg()}
+                     "max_workers": args.max_workers or {"file": 8, "vault": 32}, "loadavg_at_start": loadavg()}
     began = time.monotonic()
     server = CountingServer(60)
-    bao, address, root_token = vault_dev()
+    openbao = OpenBao()
+    bao, address, root_token = openbao.process, openbao.address, openbao.root_token
     try:
         ensure_kv2(address, root_token)
         vault = {"address": address, "allow_insecure_http": True, "auth": {"method": "token", "token": root_token}}
