@@ -331,6 +331,7 @@ def main(argv=None) -> int:
                         help="scheduler.max_workers (default: tokensmith's, 8 on file and 32 on vault)")
     parser.add_argument("--min-lead", type=float, default=10, help="refresh.min_lead of every client (s)")
     parser.add_argument("--docs", action="store_true", help="write the section in docs/ha.md")
+    parser.add_argument("--keep", action="store_true", help="keep the daemons' directories and logs")
     args = parser.parse_args(argv)
     REFRESH["min_lead"] = args.min_lead
     if args.max_workers:
@@ -379,7 +380,8 @@ def main(argv=None) -> int:
     print(section)
     if args.docs:
         update_docs(section)
-    shutil.rmtree(workdir, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
