@@ -164,16 +164,24 @@ def via_daemon(args, message: dict):
 
 # ---- the full path
 
-def load(args):
-    from tokensmith.config import load_settings
+def load(args, cached: bool = False):
+    """The validated config; with cached, through the validated-config cache (configcache.py)."""
     from tokensmith.errors import ConfigError
 
     missing = no_config_file(args)
     if missing:
         error_line(missing)
         raise SystemExit(EXIT_CONFIG)
+    outcome = None
     try:
-        settings = load_settings(args.config)
+        if cached:
+            from tokensmith.configcache import load as load_cached
+
+            settings, outcome = load_cached(args.config)
+        else:
+            from tokensmith.config import load_settings
+
+            settings = load_settings(args.config)
     except ConfigError as exc:
         for line in getattr(exc, "problems", [str(exc)]):
             error_line(f"config: {line}")
@@ -181,6 +189,10 @@ def load(args):
     from tokensmith import logs
 
     logs.setup(settings.log.level, getattr(args, "log_format", None) or settings.log.format)
+    if outcome:
+        import logging
+
+        logging.getLogger("tokensmith.configcache").debug(outcome, extra={"event": "config_cache"})
     return settings
 
 
@@ -234,8 +246,9 @@ def cmd_run(args) -> int:
     from tokensmith.daemon import Daemon, InUse
     from tokensmith.errors import ConfigError, StateError, TokensmithError
 
-    settings = load(args)
+    settings = load(args, cached=True)
     daemon = Daemon(settings, args.config)
+    daemon.load_config = reload_config
     daemon.handle_signals()
     # every start-up failure: one line, its own exit code, and nothing left behind (daemon.stop
     # removes the control socket and releases the state-directory lock)
@@ -256,6 +269,17 @@ def cmd_run(args) -> int:
     error_line(line)
     daemon.stop()
     return code
+
+
+def reload_config(path):
+    """A reload validates in full unless the cache holds this very config (and keeps the cache current)."""
+    from tokensmith.configcache import load as load_cached
+
+    settings, outcome = load_cached(path)
+    import logging
+
+    logging.getLogger("tokensmith.configcache").debug(outcome, extra={"event": "config_cache"})
+    return settings
 
 
 def cmd_once(args) -> int:
