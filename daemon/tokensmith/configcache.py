@@ -108,7 +108,7 @@ def encode(value, schema: dict):
 def secrets_of(value, found: list) -> list:
     if hasattr(value, "get_secret_value"):
         found.append(value.get_secret_value())
-    elif hasattr(value, "model_fields"):
+    elif hasattr(type(value), "model_fields"):
         for field in type(value).model_fields:
             secrets_of(getattr(value, field), found)
     elif isinstance(value, (list, tuple)):
@@ -168,8 +168,8 @@ def check_directory(directory: Path) -> None:
 
 
 def read(entry: Path, key: str):
-    check_directory(entry.parent)
     try:
+        check_directory(entry.parent)
         fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise Unusable("no cache entry") from None

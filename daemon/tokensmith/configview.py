@@ -157,7 +157,7 @@ class View:
     def __eq__(self, other):
         if isinstance(other, View):
             return self._model == other._model and self._values() == other._values()
-        if hasattr(other, "model_fields") and type(other).__name__ == self._model:
+        if hasattr(type(other), "model_fields") and type(other).__name__ == self._model:
             from tokensmith.configcache import as_view  # a model (after a reload): compare as views
 
             return self == as_view(other)
