@@ -265,6 +265,9 @@ def cmd_run(args) -> int:
         code, line = EXIT_STATE, f"start-up failed: {exc.strerror or exc}" + (
             f": {exc.filename}" if getattr(exc, "filename", None) else "")
     else:
+        from tokensmith.daemon import release_freed_memory
+
+        release_freed_memory()
         return daemon.run_forever()
     error_line(line)
     daemon.stop()

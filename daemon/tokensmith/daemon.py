@@ -141,7 +141,8 @@ class Daemon:
                         token_files.setdefault(sink.path.parent, set()).add(sink.path.name)
             for directory, names in token_files.items():
                 remove_stale_temps(directory, names)
-        release_freed_memory()
+        else:
+            release_freed_memory()  # a served daemon does it once its first runs are under way (cli.cmd_run)
 
     def _build_leadership(self) -> None:
         from tokensmith.leadership import for_daemon
