@@ -205,7 +205,10 @@ def decoder(schema: dict):
             view = make_view(classes[obj["@"]], obj["v"], obj["f"])
             if obj["@"] in ("ClientConfig", "Settings"):
                 return view
-            return seen.setdefault(view, view)
+            try:
+                return seen.setdefault(view, view)
+            except TypeError:  # holds a dict: not hashable, kept as it is
+                return view
         if "p" in obj:
             return Path(obj["p"])
         if "s" in obj:
