@@ -422,3 +422,26 @@ def test_a_reload_after_a_cached_start_changes_only_the_changed_client(tmp_path,
         assert "config reloaded: 0 added, 0 removed, 0 changed; 2 clients" in running.log
     finally:
         assert running.stop() == 0
+
+
+# ---- `run` arguments without argparse
+
+
+@pytest.mark.parametrize("argv", [["run"], ["run", "--config", "/etc/x.yaml"], ["run", "--config=/a=b"],
+                                  ["run", "--log-format", "json", "--config", "c"], ["run", "--config="],
+                                  ["run", "--config", "a", "--config", "b", "--log-format=plain"]])
+def test_run_arguments_read_without_argparse_are_what_argparse_reads(argv):
+    from tokensmith import cli
+
+    fast = cli.run_args(argv)
+    assert fast is not None
+    assert vars(fast) == vars(cli.parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["run", "--conf", "x"], ["run", "--config"],
+                                  ["run", "--config", "-x"], ["run", "--log-format", "xml"], ["run", "extra"],
+                                  ["status"], []])
+def test_anything_else_goes_to_argparse(argv):
+    from tokensmith import cli
+
+    assert cli.run_args(argv) is None

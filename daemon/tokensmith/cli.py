@@ -11,7 +11,6 @@ is unusable; 77 the daemon refused the request (not authorised); 78 the config i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,6 +46,8 @@ STATUS_FIELDS = ("client", "token", "valid", "expires_at", "last_refresh", "last
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse
+
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     top = argparse.ArgumentParser(prog="tokensmith", description="Keeps OAuth2 access tokens fresh.", epilog=epilog,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -576,8 +577,33 @@ COMMANDS = {"run": cmd_run, "once": cmd_once, "rotate": cmd_rotate, "status": cm
             "check-config": cmd_check_config, "demo": cmd_demo}
 
 
+def run_args(argv: list[str]):
+    """`run` with only --config and --log-format, read without argparse: no first token waits for
+    argparse and the whole parser. Anything else (None) goes to argparse, which parses it the same."""
+    if not argv or argv[0] != "run":
+        return None
+    values: dict = {"config": None, "log_format": None}
+    rest = argv[1:]
+    while rest:
+        option, equals, value = rest[0].partition("=")
+        if option not in ("--config", "--log-format"):
+            return None
+        if not equals:
+            if len(rest) < 2 or rest[1].startswith("-"):
+                return None
+            value = rest[1]
+        rest = rest[1 if equals else 2:]
+        if option == "--log-format" and value not in ("plain", "json"):
+            return None
+        values[option[2:].replace("-", "_")] = value
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command="run", **values)
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = run_args(argv) or parser().parse_args(argv)
     resolve_config(args)
     try:
         return COMMANDS[args.command](args)
