@@ -277,11 +277,11 @@ def cmd_run(args) -> int:
 
 def reload_config(path):
     """A reload validates in full unless the cache holds this very config (and keeps the cache current)."""
+    import logging
+
     from tokensmith.configcache import load as load_cached
 
     settings, outcome = load_cached(path)
-    import logging
-
     logging.getLogger("tokensmith.configcache").debug(outcome, extra={"event": "config_cache"})
     return settings
 

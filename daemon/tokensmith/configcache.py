@@ -28,7 +28,7 @@ from tokensmith.configview import decoder
 
 FORMAT = 1
 ENV_NAMES = ("STATE_DIRECTORY", "RUNTIME_DIRECTORY")
-SOURCES = ("config.py", "configview.py", "configcache.py", "proxy.py")
+SOURCES = ("config.py", "configview.py", "configcache.py", "proxy.py", "control.py")  # what validation runs
 SCALARS = (str, int, float, bool, type(None))
 
 
