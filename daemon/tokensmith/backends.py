@@ -19,7 +19,7 @@ EXTRAS = {"vault": ("hvac", "Vault/OpenBao"), "aws": ("boto3", "AWS Secrets Mana
 
 def check_extras(settings: "Settings") -> None:
     """A backend the config uses whose library is not installed: one line naming the extra to install."""
-    from tokensmith.config import backend_types
+    from tokensmith.configview import backend_types
 
     used = set().union(*(backend_types(client) for client in settings.clients))
     for kind in sorted(used & EXTRAS.keys()):

@@ -11,7 +11,6 @@ is unusable; 77 the daemon refused the request (not authorised); 78 the config i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,6 +46,8 @@ STATUS_FIELDS = ("client", "token", "valid", "expires_at", "last_refresh", "last
 
 
 def parser() -> argparse.ArgumentParser:
+    import argparse
+
     epilog = "exit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
     top = argparse.ArgumentParser(prog="tokensmith", description="Keeps OAuth2 access tokens fresh.", epilog=epilog,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,16 +165,24 @@ def via_daemon(args, message: dict):
 
 # ---- the full path
 
-def load(args):
-    from tokensmith.config import load_settings
+def load(args, cached: bool = False):
+    """The validated config; with cached, through the validated-config cache (configcache.py)."""
     from tokensmith.errors import ConfigError
 
     missing = no_config_file(args)
     if missing:
         error_line(missing)
         raise SystemExit(EXIT_CONFIG)
+    outcome = None
     try:
-        settings = load_settings(args.config)
+        if cached:
+            from tokensmith.configcache import load as load_cached
+
+            settings, outcome = load_cached(args.config)
+        else:
+            from tokensmith.config import load_settings
+
+            settings = load_settings(args.config)
     except ConfigError as exc:
         for line in getattr(exc, "problems", [str(exc)]):
             error_line(f"config: {line}")
@@ -181,6 +190,10 @@ def load(args):
     from tokensmith import logs
 
     logs.setup(settings.log.level, getattr(args, "log_format", None) or settings.log.format)
+    if outcome:
+        import logging
+
+        logging.getLogger("tokensmith.configcache").debug(outcome, extra={"event": "config_cache"})
     return settings
 
 
@@ -234,8 +247,9 @@ def cmd_run(args) -> int:
     from tokensmith.daemon import Daemon, InUse
     from tokensmith.errors import ConfigError, StateError, TokensmithError
 
-    settings = load(args)
+    settings = load(args, cached=True)
     daemon = Daemon(settings, args.config)
+    daemon.load_config = reload_config
     daemon.handle_signals()
     # every start-up failure: one line, its own exit code, and nothing left behind (daemon.stop
     # removes the control socket and releases the state-directory lock)
@@ -252,10 +266,24 @@ def cmd_run(args) -> int:
         code, line = EXIT_STATE, f"start-up failed: {exc.strerror or exc}" + (
             f": {exc.filename}" if getattr(exc, "filename", None) else "")
     else:
+        from tokensmith.daemon import release_freed_memory
+
+        release_freed_memory()
         return daemon.run_forever()
     error_line(line)
     daemon.stop()
     return code
+
+
+def reload_config(path):
+    """A reload validates in full unless the cache holds this very config (and keeps the cache current)."""
+    import logging
+
+    from tokensmith.configcache import load as load_cached
+
+    settings, outcome = load_cached(path)
+    logging.getLogger("tokensmith.configcache").debug(outcome, extra={"event": "config_cache"})
+    return settings
 
 
 def cmd_once(args) -> int:
@@ -549,8 +577,33 @@ COMMANDS = {"run": cmd_run, "once": cmd_once, "rotate": cmd_rotate, "status": cm
             "check-config": cmd_check_config, "demo": cmd_demo}
 
 
+def run_args(argv: list[str]):
+    """`run` with only --config and --log-format, read without argparse: no first token waits for
+    argparse and the whole parser. Anything else (None) goes to argparse, which parses it the same."""
+    if not argv or argv[0] != "run":
+        return None
+    values: dict = {"config": None, "log_format": None}
+    rest = argv[1:]
+    while rest:
+        option, equals, value = rest[0].partition("=")
+        if option not in ("--config", "--log-format"):
+            return None
+        if not equals:
+            if len(rest) < 2 or rest[1].startswith("-"):
+                return None
+            value = rest[1]
+        rest = rest[1 if equals else 2:]
+        if option == "--log-format" and value not in ("plain", "json"):
+            return None
+        values[option[2:].replace("-", "_")] = value
+    from types import SimpleNamespace
+
+    return SimpleNamespace(command="run", **values)
+
+
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = run_args(argv) or parser().parse_args(argv)
     resolve_config(args)
     try:
         return COMMANDS[args.command](args)

@@ -6,17 +6,17 @@ The full annotated format is in docs/config-schema.md. Models reject fields they
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import weakref
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from tokensmith.configview import (ClientBehaviour, LeaderBehaviour, SettingsBehaviour, _check_port, _utf8,  # noqa: F401
+                                   backend_types, check_endpoint_url, is_loopback_host)
 from tokensmith.errors import ConfigError
 
 ENV_PREFIX = "TOKENSMITH_"
@@ -208,51 +208,7 @@ class RefreshPolicy(Model):
         return self
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def is_loopback_host(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_port(url: str):
-    """The URL split, once it is known to be UTF-8 text whose port (if any) is 1-65535."""
-    if not _utf8(url):
-        raise ValueError("must be UTF-8 text (it holds a lone surrogate or undecodable byte)")
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("has a port that is not a number from 1 to 65535")
-    return parts
-
-
-def check_endpoint_url(url: str, allow_insecure_http: bool) -> str:
-    parts = _check_port(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError("must be an absolute http(s) URL")
-    if parts.username or parts.password:
-        raise ValueError("must not carry credentials in the URL")
-    if parts.scheme == "http" and not allow_insecure_http and not is_loopback_host(parts.hostname):
-        raise ValueError("plain http is refused for a non-loopback host; use https or set allow_insecure_http: true")
-    return url
-
-
-class ClientConfig(Model):
+class ClientConfig(ClientBehaviour, Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
     issuer: str | None = None
     token_url: str | None = Field(None, validate_default=True)
@@ -329,10 +285,6 @@ class ClientConfig(Model):
             raise ValueError("refresh.strategy reissue needs a primary grant that can issue a new token "
                              "(client_credentials or password), not refresh_token")
         return self
-
-    @property
-    def strategy_needs_primary_grant(self) -> bool:
-        return self.refresh.strategy == "reissue"
 
 
 class VaultAuthConfig(Model):
@@ -423,7 +375,7 @@ class SchedulerConfig(Model):
     ready_timeout: float = Field(30.0, gt=0)
 
 
-class LeaderConfig(Model):
+class LeaderConfig(LeaderBehaviour, Model):
     """The leader lease, used only with a shared state backend (docs/ha.md)."""
     lease_ttl: float = Field(15.0, ge=1, le=600)
     renew_every: float = Field(5.0, gt=0)
@@ -434,13 +386,6 @@ class LeaderConfig(Model):
         if self.renew_every * 2 > self.lease_ttl:
             raise ValueError("renew_every must be at most half of lease_ttl, so one failed renewal does not lose the lease")
         return self
-
-    @property
-    def name(self) -> str:
-        """This replica's name in the lease: the identity set, else $POD_NAME, else hostname:pid."""
-        import socket
-
-        return self.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class FileStateConfig(Model):
@@ -474,7 +419,7 @@ def _default_state_dir() -> Path:
     return Path(os.environ.get("STATE_DIRECTORY", "/var/lib/tokensmith").split(":")[0])
 
 
-class Settings(BaseModel):
+class Settings(SettingsBehaviour, BaseModel):
     """The whole config. read_config_data merges the YAML file and TOKENSMITH_* variables before
     validation, because env values address list items by index or client name. That is why this
     is a plain model and not a pydantic-settings BaseSettings, whose env source cannot."""
@@ -552,20 +497,6 @@ class Settings(BaseModel):
             raise ValueError("\n".join(problems))
         return self
 
-    @property
-    def audit_log_path(self) -> Path:
-        return self.audit_log or self.state_dir / "audit.log"
-
-    @property
-    def control_socket(self) -> Path:
-        return self.runtime_dir / "control.sock"
-
-    def client(self, name: str) -> ClientConfig:
-        for client in self.clients:
-            if client.name == name:
-                return client
-        raise KeyError(name)
-
 
 def cross_field_problems(clients: list[tuple[str, list[str], bool]], has_vault: bool) -> list[str]:
     """Checks across clients, every problem found: (name, file sink paths, uses Vault) per client, from
@@ -605,10 +536,6 @@ def raw_cross_field_problems(data: Any) -> list[str]:
         types = {part.get("type") for part in [item.get("source"), *sinks] if isinstance(part, dict)}
         clients.append((item["name"], paths, "vault" in types))
     return cross_field_problems(clients, isinstance(data.get("vault"), dict))
-
-
-def backend_types(client: ClientConfig) -> set[str]:
-    return {client.source.type} | {sink.type for sink in client.sinks}
 
 
 def _parse_env_value(raw: str) -> Any:

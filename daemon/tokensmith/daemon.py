@@ -9,9 +9,9 @@ import signal
 import threading
 import time
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from tokensmith.backends import Backends
-from tokensmith.config import Settings, load_settings
 from tokensmith.errors import ConfigError, SinkError, TokensmithError
 from tokensmith.fsutil import remove_stale_temps
 from tokensmith.hooks import Hooks
@@ -21,6 +21,9 @@ from tokensmith.sources import build_source
 from tokensmith.state import build_state_backend
 from tokensmith.tokenclient import TokenClient
 from tokensmith.transport import make_session
+
+if TYPE_CHECKING:
+    from tokensmith.config import Settings
 
 log = logging.getLogger("tokensmith.daemon")
 
@@ -88,6 +91,7 @@ class Daemon:
         self._stuck_reported: dict[str, float] = {}  # client -> busy_since of the run already logged as stuck
         self._stuck_lock = threading.Lock()
         self.leadership = None  # with a shared state backend: the leader lease (leadership.py)
+        self.load_config = None  # how reload reads the config: config.load_settings unless set
 
     # ---- construction
 
@@ -137,7 +141,8 @@ class Daemon:
                         token_files.setdefault(sink.path.parent, set()).add(sink.path.name)
             for directory, names in token_files.items():
                 remove_stale_temps(directory, names)
-        release_freed_memory()
+        else:
+            release_freed_memory()  # a served daemon does it once its first runs are under way (cli.cmd_run)
 
     def _build_leadership(self) -> None:
         from tokensmith.leadership import for_daemon
@@ -401,7 +406,11 @@ class Daemon:
         """Apply a changed config: add, remove and replace changed clients; leave the others alone."""
         with self._reload_lock:
             try:
-                settings = load_settings(self.config_path)
+                if self.load_config is None:
+                    from tokensmith.config import load_settings as load_config
+                else:
+                    load_config = self.load_config
+                settings = load_config(self.config_path)
             except ConfigError as exc:
                 log.error("reload refused, keeping the running config: %s", exc, extra={"event": "reload_failed"})
                 if self.metrics is not None and hasattr(self.metrics, "reloaded"):

@@ -14,7 +14,7 @@ import json
 import threading
 from urllib.parse import urlsplit
 
-from tokensmith.config import check_endpoint_url
+from tokensmith.configview import check_endpoint_url
 from tokensmith.errors import TokenEndpointError
 from tokensmith.proxy import ProxyError, proxy_for
 

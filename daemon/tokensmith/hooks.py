@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 
 log = logging.getLogger("tokensmith.hooks")
 
@@ -42,6 +41,8 @@ def hook_env(hook, client: str, token, environ=os.environ) -> dict[str, str]:
 
 
 def _command(hook, client: str, token) -> None:
+    import subprocess  # not at start-up: no first token waits for it
+
     env = hook_env(hook, client, token)
     try:
         result = subprocess.run(hook.argv, env=env, timeout=hook.timeout, stdin=subprocess.DEVNULL,

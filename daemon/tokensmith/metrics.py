@@ -16,7 +16,6 @@ a custom collector computes them at scrape time from the live keepers.
 from __future__ import annotations
 
 import logging
-import platform
 import re
 import sys
 import threading
@@ -344,7 +343,7 @@ class _SeriesCollector:
                                          "Unix time of the last successful write to the sink", labels=["client", "sink"])
         build = GaugeMetricFamily(f"{PREFIX}_build_info", "tokensmith's version and Python's (always 1)",
                                   labels=["version", "python"])
-        build.add_metric([__version__, platform.python_version()], 1.0)
+        build.add_metric([__version__, sys.version.split()[0]], 1.0)
         reload_ok = GaugeMetricFamily(f"{PREFIX}_config_last_reload_successful",
                                       "1 when the last config load (start-up or SIGHUP) succeeded")
         reload_at = GaugeMetricFamily(f"{PREFIX}_config_last_reload_success_timestamp_seconds",
