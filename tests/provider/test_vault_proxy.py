@@ -1,0 +1,39 @@
+"""Vault/OpenBao through a forward proxy from the environment (as hvac's requests layer honoured it), through
+Debian's tinyproxy on loopback, with NO_PROXY going direct."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokensmith.config import VaultConfig
+from tokensmith.vault import VaultClient
+
+PROXY_VARIABLES = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "no_proxy",
+                   "NO_PROXY")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def read(vault_kv) -> dict:
+    vault = VaultClient(VaultConfig(**vault_kv.vault_config({"method": "token", "token": vault_kv.token()})))
+    return vault.read_kv("secret", vault_kv.path("a"), 2, client="billing-api")
+
+
+def test_vault_requests_go_through_the_proxy_from_the_environment(env, tinyproxy, vault_kv):
+    vault_kv.put("a", {"client_id": "via-proxy"})
+    env.setenv("HTTP_PROXY", tinyproxy.url)
+    assert read(vault_kv) == {"client_id": "via-proxy"}
+    assert tinyproxy.requests(f"GET {vault_kv.server.address}/v1/secret/data/{vault_kv.path('a')}") == 1
+
+
+@pytest.mark.parametrize("no_proxy", ["127.0.0.1", "127.0.0.0/8", "*"])
+def test_no_proxy_sends_vault_requests_direct(env, vault_kv, no_proxy):
+    vault_kv.put("a", {"client_id": "direct"})
+    env.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # nothing listens there
+    env.setenv("NO_PROXY", no_proxy)
+    assert read(vault_kv) == {"client_id": "direct"}
