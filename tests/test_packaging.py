@@ -233,7 +233,8 @@ def test_a_vault_config_needs_no_extra_library(tmp_path, online):
         from tokensmith.cli import main
         sys.exit(main(["check-config", "--config", {str(config)!r}] + (["--online"] if {online!r} else [])))
     """)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENSMITH_", "AWS_", "HTTP", "http", "NO_", "no_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TOKENSMITH_", "AWS_", "HTTP", "http", "NO_", "no_"))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
                             cwd=tmp_path)
     output = result.stdout + result.stderr

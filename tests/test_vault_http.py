@@ -108,7 +108,8 @@ def test_a_denied_call_logs_in_again_and_is_repeated_once(peer):
 
 
 def test_a_denial_after_logging_in_again_is_an_error_not_a_loop(peer):
-    fake = peer(logins_and(lambda method, path, body, token: (403, {"errors": ["1 error occurred: permission denied"]})))
+    denied = {"errors": ["1 error occurred: permission denied"]}
+    fake = peer(logins_and(lambda method, path, body, token: (403, denied)))
     with pytest.raises(SourceError) as caught:
         client(fake).read_kv("secret", "app", 2, client=CLIENT)
     assert not caught.value.retryable

@@ -336,7 +336,8 @@ class VaultClient:
         where = f"vault {auth.method} login"
         try:
             if auth.method == "token":
-                token = auth.token.get_secret_value() if auth.token else self._read_file(auth.token_file, client, error_cls)
+                token = (auth.token.get_secret_value() if auth.token
+                         else self._read_file(auth.token_file, client, error_cls))
                 self._token = token.strip()
             else:
                 mount = auth.mount_point or auth.method
