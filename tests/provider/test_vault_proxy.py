@@ -4,7 +4,9 @@ Debian's tinyproxy on loopback, with NO_PROXY going direct."""
 from __future__ import annotations
 
 import pytest
+from conftest import Tinyproxy
 
+from test_vault_cert_auth import SECRET, cert_bao, lookup_self, source_for, write_pair  # noqa: F401 (a fixture)
 from tokensmith.config import VaultConfig
 from tokensmith.vault import VaultClient
 
@@ -37,3 +39,18 @@ def test_no_proxy_sends_vault_requests_direct(env, vault_kv, no_proxy):
     env.setenv("HTTP_PROXY", "http://127.0.0.1:1")  # nothing listens there
     env.setenv("NO_PROXY", no_proxy)
     assert read(vault_kv) == {"client_id": "direct"}
+
+
+def test_cert_auth_through_a_connect_tunnel_presents_the_client_certificate(env, proxy_dir, cert_bao, tmp_path):
+    port = int(cert_bao.address.rsplit(":", 1)[1])
+    proxy = Tinyproxy(proxy_dir, [port])
+    try:
+        env.setenv("HTTPS_PROXY", proxy.url)
+        cert_path, key_path = write_pair(tmp_path, cert_bao.client_ca, "through-the-proxy")
+        source, backends = source_for(tmp_path, cert_bao, cert_path, key_path)
+        assert source.read().client_secret == SECRET
+        assert lookup_self(backends.vault())["meta"]["common_name"] == "through-the-proxy"
+        # the login, the read and the lookup went through one pooled tunnel, TLS end to end inside it
+        assert proxy.requests(f"CONNECT 127.0.0.1:{port}") == 1
+    finally:
+        proxy.stop()
