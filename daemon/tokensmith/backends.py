@@ -1,5 +1,5 @@
-"""Shared, lazily created clients for the secret stores, so boto3 and hvac are imported only
-when a config uses them and every client of one daemon shares one authenticated session."""
+"""Shared, lazily created clients for the secret stores, so boto3 (and tokensmith.vault) are imported
+only when a config uses them and every client of one daemon shares one authenticated session."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from tokensmith.vault import VaultClient
 
 
-EXTRAS = {"vault": ("hvac", "Vault/OpenBao"), "aws": ("boto3", "AWS Secrets Manager")}
+EXTRAS = {"aws": ("boto3", "AWS Secrets Manager")}  # Vault/OpenBao needs no library: tokensmith.vault speaks HTTP
 
 
 def check_extras(settings: "Settings") -> None:

@@ -1,5 +1,6 @@
-"""One absolute deadline per call for the HTTP libraries that only time out each recv (urllib3, under
-hvac and botocore): a peer dripping one byte per timeout would otherwise hold the caller for ever.
+"""One absolute deadline per call for botocore, whose urllib3 connections only time out each recv: a peer
+dripping one byte per timeout would otherwise hold the caller for ever. (The token endpoint and Vault
+go through tokensmith.transport, which has the deadline natively.)
 
 A call runs inside `limit(seconds)`; the connection classes below register the sockets it uses, and
 one reaper thread shuts down (SHUT_RDWR) the sockets of a call still running at its deadline, which

@@ -109,7 +109,7 @@ def setup(level: str = "INFO", fmt: str = "plain", stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("apscheduler", "urllib3", "botocore", "boto3", "hvac"):
+    for noisy in ("apscheduler", "urllib3", "botocore", "boto3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

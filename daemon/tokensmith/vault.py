@@ -1,100 +1,73 @@
-"""One authenticated hvac session shared by the Vault/OpenBao source and sink.
+"""One authenticated Vault/OpenBao session shared by the Vault source, sink, state backend and lease.
 
-Thin on purpose: no retries (the keeper retries). It logs in lazily, and when Vault answers 403
-(token revoked or expired) it logs in once more and repeats the call once. Every hvac/requests
-exception is converted here into the caller's error class with a message built from vetted parts,
-because hvac's own text can carry server output.
+It speaks Vault's HTTP API over the project's own transport (tokensmith.transport): keep-alive
+connections, one absolute deadline per request (connect, TLS, send, the whole response and any
+redirect), forward proxies from the environment as for the token endpoint. Thin on purpose: no
+retries (the keeper retries). It logs in lazily, and when Vault answers 401/403 (token revoked or
+expired) it logs in once more and repeats the call once. Every failure is converted here into the
+caller's error class with a message built from vetted parts, because Vault's error text can echo
+request data.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import ssl
 import stat
 import threading
+import time
+from http import HTTPStatus
 from typing import Callable
-
-from tokensmith.errors import ConfigError, SinkError, SourceError, TokensmithError
-
-try:
-    import hvac
-    import requests
-    import urllib3
-    from hvac import exceptions as vault_exc
-    from hvac.adapters import RawAdapter
-    from requests.adapters import HTTPAdapter
-except ImportError as exc:  # a file- or AWS-only install
-    raise ConfigError("the config uses Vault/OpenBao but hvac is not installed: "
-                      "pip install 'tokensmith[vault]'") from exc
+from urllib.parse import quote, urljoin, urlsplit
 
 from tokensmith.config import VaultConfig
-from tokensmith.deadline import limit, watched_pool_classes
+from tokensmith.errors import SinkError, SourceError, TokensmithError
+from tokensmith.proxy import ProxyError, proxy_for
+from tokensmith.transport import BodyError, HttpPool, TLSSetupError
 
-STATUS = {vault_exc.InvalidRequest: 400, vault_exc.Unauthorized: 401, vault_exc.Forbidden: 403,
-          vault_exc.InvalidPath: 404, vault_exc.RateLimitExceeded: 429, vault_exc.InternalServerError: 500,
-          vault_exc.VaultNotInitialized: 501, vault_exc.BadGateway: 502, vault_exc.VaultDown: 503}
-RETRYABLE = (vault_exc.RateLimitExceeded, vault_exc.InternalServerError, vault_exc.VaultNotInitialized,
-             vault_exc.BadGateway, vault_exc.VaultDown, vault_exc.UnexpectedError)
+MAX_BODY = 16 * 1024 * 1024  # a listing of 20,000 state records is ~1 MB
+MAX_REDIRECTS = 3  # a standby that does not forward answers 307 to the active node
+RETRYABLE_STATUS = (412, 429)  # and every 5xx; 412: a node has not applied the X-Vault-Index yet
 # Server error strings known to carry no request data; anything else is reported by status only.
 SAFE_PHRASES = ("permission denied", "invalid role or secret ID", "Vault is sealed", "no handler for route",
                 "check-and-set parameter did not match the current version", "invalid role name",
                 "role not found", "service account name not authorized", "namespace not authorized",
                 "lookup failed", "not authorized", "invalid certificate or no client certificate supplied")
 CAS_MISMATCH = "check-and-set parameter did not match"
-DENIED = (vault_exc.Forbidden, vault_exc.Unauthorized)
+DENIED = (401, 403)
+SAFE_PATH = "/-._~!$&'()*+,;=:@"
 
 
-WATCHED_POOLS = watched_pool_classes(urllib3.HTTPConnectionPool, urllib3.HTTPSConnectionPool)
+class VaultHTTPError(Exception):
+    """Vault answered an error status. .errors is its error list: server text, never shown as it is."""
+
+    def __init__(self, status: int, body):
+        self.status = status
+        self.body = body if isinstance(body, dict) else {}
+        errors = self.body.get("errors")
+        self.errors = [str(error) for error in errors] if isinstance(errors, list) else [str(errors or "")]
+        self.errors = [error for error in self.errors if error]
+        super().__init__(f"HTTP {status}")
 
 
-class WatchedAdapter(HTTPAdapter):
-    """No retries, and connections whose sockets the deadline reaper can shut down."""
-
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = WATCHED_POOLS
-
-    def proxy_manager_for(self, *args, **kwargs):
-        manager = super().proxy_manager_for(*args, **kwargs)
-        manager.pool_classes_by_scheme = WATCHED_POOLS
-        return manager
+class Unreadable(ValueError):
+    """The answer was not the JSON object Vault sends."""
 
 
-class DeadlineSession(requests.Session):
-    """Each request, its redirects and its whole response, within one deadline (urllib3's timeout is
-    per recv: a server dripping bytes would hold the caller for ever)."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-        adapter = WatchedAdapter(max_retries=0)
-        self.mount("http://", adapter)
-        self.mount("https://", adapter)
-
-    def send(self, request, **kwargs):
-        with limit(self.seconds) as call:
-            try:
-                reply = super().send(request, **kwargs)
-            except requests.RequestException as exc:
-                if call.expired:
-                    raise requests.exceptions.ReadTimeout(f"no complete response within {self.seconds:g}s") \
-                        from exc
-                raise
-            if call.expired:  # the reaper cut what looked like the end of the response (endless trailers)
-                raise requests.exceptions.ReadTimeout(f"no complete response within {self.seconds:g}s")
-            return reply
-
-
-def describe(exc: vault_exc.VaultError) -> str:
-    errors = exc.errors if isinstance(exc.errors, list) else [exc.errors or ""]
-    text = " ".join(str(error) for error in errors)
-    said = next((phrase for phrase in SAFE_PHRASES if phrase in text), None) or type(exc).__name__
+def describe(exc: VaultHTTPError) -> str:
+    text = " ".join(exc.errors)
+    said = next((phrase for phrase in SAFE_PHRASES if phrase in text), None)
     if said == "no handler for route":
         said = "no such mount"
-    status = STATUS.get(type(exc))
-    return f"{said} (HTTP {status})" if status else said
+    if said is None:
+        try:
+            said = HTTPStatus(exc.status).phrase
+        except ValueError:
+            said = "unexpected status"
+    return f"{said} (HTTP {exc.status})"
 
 
 def _consistent(index: str | None) -> dict:
@@ -119,32 +92,82 @@ def later_index(held: str | None, new: str) -> str:
     return new
 
 
+def _absent(exc: VaultHTTPError) -> bool:
+    """A 404 for a KV v2 secret that is deleted (its metadata comes back) or was never written (no errors)."""
+    return exc.status == 404 and bool(exc.body.get("data") or not exc.errors)
+
+
 class VaultClient:
     def __init__(self, config: VaultConfig):
         self.config = config
-        verify = str(config.ca_bundle) if config.ca_bundle else True
-        session = DeadlineSession(config.timeout)
-        session.verify = verify
-        if config.auth.method == "cert":  # presented on every connection; urllib3 reads the files per connection
-            session.cert = (str(config.auth.cert_file), str(config.auth.key_file))
-        self._hvac = hvac.Client(url=config.address, namespace=config.namespace, verify=verify,
-                                 timeout=config.timeout, session=session)
+        self._pool = HttpPool()
+        self._ca_bundle = str(config.ca_bundle) if config.ca_bundle else None
+        self._ssl: ssl.SSLContext | None = None  # with the client certificate (method cert), made at each login
+        self._token: str | None = None
         self._lock = threading.Lock()
         self._logins = 0  # bumped by every login, so racing threads re-authenticate once, not each
         # OpenBao's storage index after this client's latest KV v2 write (any record: state, lease).
         # Sent with every kv2_* request, so no node answers from a copy older than that write.
         self.index: str | None = None
 
+    # ---- HTTP
+
+    def _send(self, method: str, path: str, body: dict | None = None, *, query: str = "",
+              headers: dict | None = None, login: bool = False) -> tuple[dict, str | None]:
+        """One request to /v1/<path>: (the answer's JSON object, its X-Vault-Index). VaultHTTPError for an
+        error status; transport errors as HttpPool.exchange raises them."""
+        url = f"{self.config.address}/v1/{quote(path, safe=SAFE_PATH)}" + (f"?{query}" if query else "")
+        fields = {"X-Vault-Request": "true"}
+        if self.config.namespace:
+            fields["X-Vault-Namespace"] = self.config.namespace
+        if not login and self._token:
+            fields["X-Vault-Token"] = self._token
+        if headers:
+            fields.update(headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            fields["Content-Type"] = "application/json"
+        deadline = time.monotonic() + self.config.timeout
+        for _ in range(MAX_REDIRECTS + 1):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            reply, raw = self._pool.exchange(method, url, data, fields, timeout=left, ca_bundle=self._ca_bundle,
+                                             max_body=MAX_BODY, proxy=proxy_for(url), ssl_context=self._ssl)
+            location = reply.headers.get("location")
+            if reply.status_code not in (307, 308) or not location:
+                break
+            target = urljoin(url, location)
+            if urlsplit(target).scheme not in ("https", urlsplit(url).scheme):  # never from https down to http
+                break
+            url = target
+        status = reply.status_code
+        if len(raw) > MAX_BODY:
+            raise Unreadable("too large")
+        try:
+            document = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            document = None
+        if not 200 <= status < 300:
+            raise VaultHTTPError(status, document)
+        if not isinstance(document, dict):
+            raise Unreadable("not a JSON object")
+        return document, reply.headers.get("x-vault-index")
+
+    def _json(self, method: str, path: str, body: dict | None = None, **kwargs) -> dict:
+        return self._send(method, path, body, **kwargs)[0]
+
+    # ---- KV
+
     def read_kv(self, mount: str, path: str, version: int, client: str | None = None,
                 error_cls: type[TokensmithError] = SourceError) -> dict:
         what = f"vault secret {mount}/{path}"
         if version == 1:
-            response = self._call(lambda kv: kv.secrets.kv.v1.read_secret(path, mount_point=mount),
-                                  what, client, error_cls)
+            response = self._call(lambda: self._json("GET", f"{mount}/{path}"), what, client, error_cls)
             data = response.get("data")
         else:
-            response = self._call(lambda kv: kv.secrets.kv.v2.read_secret_version(
-                path, mount_point=mount, raise_on_deleted_version=True), what, client, error_cls)
+            response = self._call(lambda: self._json("GET", f"{mount}/data/{path}"), what, client, error_cls)
             data = (response.get("data") or {}).get("data")
         if not isinstance(data, dict):
             raise error_cls(f"{what}: response holds no key/value data", client=client, retryable=False)
@@ -153,26 +176,51 @@ class VaultClient:
     def read_kv2_versioned(self, mount: str, path: str, client: str | None = None,
                            error_cls: type[TokensmithError] = SourceError) -> tuple[dict | None, int | None]:
         """(data, version) of the latest version; data None when deleted, (None, None) when absent."""
-        what = f"vault secret {mount}/{path}"
-
-        def read(kv: hvac.Client) -> dict:
+        def read() -> dict:
             try:
-                return kv.secrets.kv.v2.read_secret_version(path, mount_point=mount, raise_on_deleted_version=True)
-            except vault_exc.InvalidPath as exc:
-                body = exc.json if isinstance(exc.json, dict) else {}
-                if body.get("data") or not (exc.errors or []):  # a deleted version, or simply no secret
-                    return body
+                return self._json("GET", f"{mount}/data/{path}")
+            except VaultHTTPError as exc:
+                if _absent(exc):
+                    return exc.body
                 raise
 
-        response = self._call(read, what, client, error_cls)
-        body = response.get("data") or {}
+        body = self._call(read, f"vault secret {mount}/{path}", client, error_cls).get("data") or {}
         version = (body.get("metadata") or {}).get("version")
         data = body.get("data")
         return (data if isinstance(data, dict) else None), (int(version) if version else None)
 
     def write_kv2(self, mount: str, path: str, data: dict, cas: int | None, client: str | None = None,
                   error_cls: type[TokensmithError] = SinkError) -> None:
-        self._call(lambda kv: kv.secrets.kv.v2.create_or_update_secret(path, secret=data, cas=cas, mount_point=mount),
+        options = {} if cas is None else {"cas": cas}
+        self._call(lambda: self._json("POST", f"{mount}/data/{path}", {"options": options, "data": data}),
+                   f"vault secret {mount}/{path}", client, error_cls)
+
+    def kv2_metadata(self, mount: str, path: str, client: str | None = None,
+                     error_cls: type[TokensmithError] = SinkError) -> dict:
+        """The secret's metadata (its versions and when each was deleted or destroyed)."""
+        response = self._call(lambda: self._json("GET", f"{mount}/metadata/{path}"), f"vault secret {mount}/{path}",
+                              client, error_cls)
+        return response.get("data") or {}
+
+    def kv2_version(self, mount: str, path: str, number: int, client: str | None = None,
+                    error_cls: type[TokensmithError] = SinkError) -> dict | None:
+        """The data of one version; None when it is deleted or destroyed."""
+        def read() -> dict:
+            try:
+                return self._json("GET", f"{mount}/data/{path}", query=f"version={int(number)}")
+            except VaultHTTPError as exc:
+                if _absent(exc):
+                    return {}
+                raise
+
+        response = self._call(read, f"vault secret {mount}/{path} version {number}", client, error_cls)
+        data = (response.get("data") or {}).get("data")
+        return data if isinstance(data, dict) else None
+
+    def kv2_destroy(self, mount: str, path: str, versions: list[int], client: str | None = None,
+                    error_cls: type[TokensmithError] = SinkError) -> None:
+        """Destroy those versions for good (their data is gone, not only marked deleted)."""
+        self._call(lambda: self._json("POST", f"{mount}/destroy/{path}", {"versions": list(versions)}),
                    f"vault secret {mount}/{path}", client, error_cls)
 
     # ---- KV v2 records with versions and storage indexes (the shared state backend)
@@ -184,21 +232,19 @@ class VaultClient:
         it yet forwards the read to the active node instead of answering from its older copy."""
         headers = _consistent(index or self.index)
 
-        def read(kv: hvac.Client) -> dict:
+        def read() -> tuple[dict, str | None]:
             try:
-                response = RawAdapter.request(kv.adapter, "get", f"/v1/{mount}/data/{path}", headers=dict(headers))
-            except vault_exc.InvalidPath as exc:
-                body = exc.json if isinstance(exc.json, dict) else {}
-                if body.get("data") or not (exc.errors or []):
-                    return {"body": body, "index": None}
+                return self._send("GET", f"{mount}/data/{path}", headers=headers)
+            except VaultHTTPError as exc:
+                if _absent(exc):
+                    return exc.body, None
                 raise
-            return {"body": response.json(), "index": response.headers.get("X-Vault-Index")}
 
-        answer = self._call(read, f"vault secret {mount}/{path}", client, error_cls)
-        body = (answer.get("body") or {}).get("data") or {}
+        answer, stored = self._call(read, f"vault secret {mount}/{path}", client, error_cls)
+        body = answer.get("data") or {}
         version = (body.get("metadata") or {}).get("version") or 0
         data = body.get("data")
-        return (data if isinstance(data, dict) else None), int(version), answer.get("index")
+        return (data if isinstance(data, dict) else None), int(version), stored
 
     def kv2_put(self, mount: str, path: str, data: dict, cas: int, *, index: str | None = None,
                 client: str | None = None, error_cls: type[TokensmithError] = SinkError
@@ -208,38 +254,37 @@ class VaultClient:
         version against its own copy before it forwards the write, so index matters here too."""
         headers = _consistent(index or self.index)
 
-        def write(kv: hvac.Client) -> dict:
+        def write() -> tuple[dict, str | None] | None:
             try:
-                response = RawAdapter.request(kv.adapter, "post", f"/v1/{mount}/data/{path}", headers=dict(headers),
-                                              json={"options": {"cas": cas}, "data": data})
-            except vault_exc.InvalidRequest as exc:
-                if CAS_MISMATCH in " ".join(str(error) for error in (exc.errors or [])):
-                    return {"conflict": True}
+                return self._send("POST", f"{mount}/data/{path}", {"options": {"cas": cas}, "data": data},
+                                  headers=headers)
+            except VaultHTTPError as exc:
+                if exc.status == 400 and CAS_MISMATCH in " ".join(exc.errors):
+                    return None
                 raise
-            return {"body": response.json(), "index": response.headers.get("X-Vault-Index")}
 
         answer = self._call(write, f"vault secret {mount}/{path}", client, error_cls)
-        if answer.get("conflict"):
+        if answer is None:
             return None, None
-        if answer.get("index"):
-            self.index = later_index(self.index, answer["index"])
-        version = ((answer.get("body") or {}).get("data") or {}).get("version")
+        body, stored = answer
+        if stored:
+            self.index = later_index(self.index, stored)
+        version = (body.get("data") or {}).get("version")
         if not version:
             raise error_cls(f"vault secret {mount}/{path}: the write answered no version", client=client,
                             retryable=True)
-        return int(version), answer.get("index")
+        return int(version), stored
 
     def kv2_list(self, mount: str, path: str, *, index: str | None = None, client: str | None = None,
                  error_cls: type[TokensmithError] = SourceError) -> list[str]:
         """The keys under a KV v2 folder ([] when there is none)."""
         headers = _consistent(index or self.index)
 
-        def listing(kv: hvac.Client) -> dict:
+        def listing() -> dict:
             try:
-                return RawAdapter.request(kv.adapter, "list", f"/v1/{mount}/metadata/{path}",
-                                          headers=dict(headers)).json()
-            except vault_exc.InvalidPath as exc:
-                if not (exc.errors or []):
+                return self._json("GET", f"{mount}/metadata/{path}", query="list=true", headers=headers)
+            except VaultHTTPError as exc:
+                if exc.status == 404 and not exc.errors:
                     return {}
                 raise
 
@@ -247,32 +292,28 @@ class VaultClient:
         return [key for key in keys or [] if isinstance(key, str)]
 
     def check(self, client: str | None = None, error_cls: type[TokensmithError] = SinkError) -> None:
-        self._call(lambda kv: kv.auth.token.lookup_self(), "vault token lookup-self", client, error_cls)
+        self._call(self._lookup_self, "vault token lookup-self", client, error_cls)
 
-    def _call(self, fn: Callable[[hvac.Client], dict], what: str, client: str | None,
-              error_cls: type[TokensmithError]) -> dict:
+    def _lookup_self(self) -> dict:
+        return self._json("GET", "auth/token/lookup-self").get("data") or {}
+
+    # ---- calls, logins, errors
+
+    def _call(self, fn: Callable[[], object], what: str, client: str | None,
+              error_cls: type[TokensmithError]):
         try:
             seen = self._login_once(client, error_cls)
             try:
-                return self._document(fn(self._hvac))
-            except DENIED:
-                if not self._can_reauth:
+                return fn()
+            except VaultHTTPError as exc:
+                if exc.status not in DENIED or not self._can_reauth:
                     raise
             self._relogin(seen, client, error_cls)
-            return self._document(fn(self._hvac))
+            return fn()
         except TokensmithError:
             raise
         except Exception as exc:
             raise self._convert(exc, what, client, error_cls) from exc
-
-    @staticmethod
-    def _document(result) -> dict:
-        """hvac answers a requests.Response for anything but a JSON 200: fine for a 204, unreadable otherwise."""
-        if isinstance(result, dict):
-            return result
-        if result is None or getattr(result, "status_code", None) == 204:
-            return {}
-        raise ValueError("not a JSON object")
 
     @property
     def _can_reauth(self) -> bool:
@@ -295,35 +336,42 @@ class VaultClient:
         where = f"vault {auth.method} login"
         try:
             if auth.method == "token":
-                token = auth.token.get_secret_value() if auth.token else self._read_file(auth.token_file, client, error_cls)
-                self._hvac.token = token.strip()
-            elif auth.method == "approle":
-                where += f" at auth/{auth.mount_point or 'approle'}"
-                secret_id = (auth.secret_id.get_secret_value() if auth.secret_id
-                             else self._read_file(auth.secret_id_file, client, error_cls))
-                self._hvac.auth.approle.login(auth.role_id, secret_id.strip(), mount_point=auth.mount_point or "approle")
-            elif auth.method == "cert":
-                where += (f" at auth/{auth.mount_point or 'cert'}" + (f" as role {auth.role}" if auth.role else "")
-                          + f" with certificate {auth.cert_file}")
-                self._check_cert(client, error_cls)
-                self._hvac.adapter.session.close()  # pooled connections still present the old certificate
-                self._hvac.auth.cert.login(name=auth.role or "", cert_pem=str(auth.cert_file),
-                                           key_pem=str(auth.key_file), mount_point=auth.mount_point or "cert")
+                token = (auth.token.get_secret_value() if auth.token
+                         else self._read_file(auth.token_file, client, error_cls))
+                self._token = token.strip()
             else:
-                where += f" at auth/{auth.mount_point or 'kubernetes'} as role {auth.role}"
-                jwt = self._read_file(auth.jwt_file, client, error_cls)
-                self._hvac.auth.kubernetes.login(auth.role, jwt.strip(), mount_point=auth.mount_point or "kubernetes")
+                mount = auth.mount_point or auth.method
+                where += f" at auth/{mount}"
+                if auth.method == "approle":
+                    secret_id = (auth.secret_id.get_secret_value() if auth.secret_id
+                                 else self._read_file(auth.secret_id_file, client, error_cls))
+                    body = {"role_id": auth.role_id, "secret_id": secret_id.strip()}
+                elif auth.method == "cert":
+                    where += (f" as role {auth.role}" if auth.role else "") + f" with certificate {auth.cert_file}"
+                    context = self._cert_context(client, error_cls)
+                    self._ssl = context
+                    self._pool.close()  # pooled connections still present the old certificate
+                    body = {"name": auth.role or ""}
+                else:
+                    where += f" as role {auth.role}"
+                    body = {"role": auth.role, "jwt": self._read_file(auth.jwt_file, client, error_cls).strip()}
+                answer = self._json("POST", f"auth/{mount}/login", body, login=True)
+                token = (answer.get("auth") or {}).get("client_token")
+                if not isinstance(token, str) or not token:
+                    raise error_cls(f"{where}: the answer holds no client token", client=client, retryable=False)
+                self._token = token
         except TokensmithError:
             raise
         except Exception as exc:
             error = self._convert(exc, where, client, error_cls)
-            if isinstance(exc, (vault_exc.InvalidRequest, vault_exc.InvalidPath) + DENIED):
+            if isinstance(exc, VaultHTTPError) and exc.status in (400, 404) + DENIED:
                 error.retryable = False  # bad credentials or role: logging in again will not help
             raise error from exc
         self._logins += 1
 
-    def _check_cert(self, client: str | None, error_cls: type[TokensmithError]) -> None:
-        """Re-read at every login, so rotated files are used without a restart; the key stays private."""
+    def _cert_context(self, client: str | None, error_cls: type[TokensmithError]) -> ssl.SSLContext:
+        """A TLS context presenting the client certificate, read afresh at every login so rotated files
+        are used without a restart; the key must stay private."""
         auth = self.config.auth
         try:
             fd = os.open(auth.key_file, os.O_RDONLY | os.O_CLOEXEC)
@@ -336,7 +384,11 @@ class VaultClient:
             raise error_cls(f"vault.auth.key_file {auth.key_file} is accessible by group or others "
                             f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it", client=client, retryable=False)
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(auth.cert_file, auth.key_file, password=b"")
+            context = ssl.create_default_context(cafile=self._ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise error_cls(f"cannot load vault.ca_bundle {self._ca_bundle}", client=client, retryable=False) from exc
+        try:
+            context.load_cert_chain(auth.cert_file, auth.key_file, password=b"")
         except ssl.SSLError as exc:
             raise error_cls(f"vault.auth.cert_file {auth.cert_file} and key_file {auth.key_file} are not a "
                             f"usable PEM certificate and unencrypted private key ({exc.reason or 'unreadable'})",
@@ -344,6 +396,7 @@ class VaultClient:
         except OSError as exc:
             raise error_cls(f"cannot read vault.auth.cert_file {auth.cert_file}: {exc.strerror}",
                             client=client, retryable=False) from exc
+        return context
 
     @staticmethod
     def _read_file(path, client: str | None, error_cls: type[TokensmithError]) -> str:
@@ -356,24 +409,32 @@ class VaultClient:
 
     def _convert(self, exc: Exception, what: str, client: str | None,
                  error_cls: type[TokensmithError]) -> TokensmithError:
-        if isinstance(exc, vault_exc.VaultError):
+        address = self.config.address
+        if isinstance(exc, VaultHTTPError):
             reason = describe(exc)
-            if isinstance(exc, vault_exc.InvalidPath) and "no such mount" not in reason:
-                hint = " (is the mount KV v2?)" if "versioned K/V" in str((exc.json or {}).get("warnings")) else ""
+            if exc.status == 404 and "no such mount" not in reason:
+                hint = " (is the mount KV v2?)" if "versioned K/V" in str(exc.body.get("warnings")) else ""
                 return error_cls(f"{what}: no secret at that path{hint}", client=client, retryable=False)
-            retryable = isinstance(exc, RETRYABLE) or CAS_MISMATCH in reason
+            retryable = exc.status >= 500 or exc.status in RETRYABLE_STATUS or CAS_MISMATCH in reason
             return error_cls(f"{what}: {reason}", client=client, retryable=retryable)
-        if isinstance(exc, requests.exceptions.SSLError):
+        if isinstance(exc, Unreadable):
+            return error_cls(f"{what}: unreadable response from {address}", client=client, retryable=False)
+        if isinstance(exc, TLSSetupError):
+            return error_cls(f"{what}: cannot load vault.ca_bundle {self._ca_bundle}", client=client, retryable=False)
+        if isinstance(exc, ssl.SSLError):
             check = "vault.ca_bundle" + (" and vault.auth.cert_file" if self.config.auth.method == "cert" else "")
-            return error_cls(f"{what}: TLS verification with {self.config.address} failed (check {check})",
+            return error_cls(f"{what}: TLS verification with {address} failed (check {check})",
                              client=client, retryable=False)
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            kind = "timed out" if isinstance(exc, requests.Timeout) else "cannot connect"
-            return error_cls(f"{what}: {kind} to {self.config.address}", client=client, retryable=True)
-        if isinstance(exc, ValueError):  # the response was not the JSON Vault sends
-            return error_cls(f"{what}: unreadable response from {self.config.address}", client=client,
-                             retryable=False)
-        if isinstance(exc, requests.RequestException):
-            return error_cls(f"{what}: request to {self.config.address} failed ({type(exc).__name__})",
-                             client=client, retryable=True)
+        if isinstance(exc, ProxyError):
+            return error_cls(f"{what}: {exc.message}", client=client, retryable=True)
+        if isinstance(exc, TimeoutError):
+            return error_cls(f"{what}: timed out to {address}", client=client, retryable=True)
+        if isinstance(exc, (OSError, http.client.RemoteDisconnected)):
+            return error_cls(f"{what}: cannot connect to {address}", client=client, retryable=True)
+        if isinstance(exc, http.client.InvalidURL) or isinstance(exc, ValueError):
+            return error_cls(f"{what}: the request cannot be sent as it is (check vault.address, vault.namespace "
+                             "and the path)", client=client, retryable=False)
+        if isinstance(exc, (http.client.HTTPException, BodyError)):
+            return error_cls(f"{what}: request to {address} failed ({type(exc).__name__})", client=client,
+                             retryable=True)
         return error_cls(f"{what}: unexpected {type(exc).__name__}", client=client, retryable=False)

@@ -106,12 +106,17 @@ def source_for(tmp_path, server, cert_path, key_path):
     return build_source(settings.clients[0], backends), backends
 
 
+def lookup_self(vault) -> dict:
+    """What Vault knows about the client's current token (through its own session and certificate)."""
+    return vault._call(vault._lookup_self, "lookup-self", None, SourceError)
+
+
 def test_cert_login_reads_the_secret(tmp_path, cert_bao):
     cert_path, key_path = write_pair(tmp_path, cert_bao.client_ca, "tokensmith-client")
     source, backends = source_for(tmp_path, cert_bao, cert_path, key_path)
     creds = source.read()
     assert (creds.client_id, creds.client_secret) == ("cert-client", SECRET)
-    meta = backends.vault()._hvac.auth.token.lookup_self()["data"]["meta"]
+    meta = lookup_self(backends.vault())["meta"]
     assert meta["cert_name"] == "tokensmith" and meta["common_name"] == "tokensmith-client"
 
 
@@ -154,11 +159,11 @@ def test_rotated_certificate_is_used_at_the_next_login(tmp_path, cert_bao):
     source, backends = source_for(tmp_path, cert_bao, cert_path, key_path)
     assert source.read().client_id == "cert-client"
     vault = backends.vault()
-    assert vault._hvac.auth.token.lookup_self()["data"]["meta"]["common_name"] == "before-rotation"
+    assert lookup_self(vault)["meta"]["common_name"] == "before-rotation"
     write_pair(tmp_path, cert_bao.client_ca, "after-rotation")
-    cert_bao.root().auth.token.revoke(vault._hvac.token)  # the next read gets 403 and logs in again
+    cert_bao.root().auth.token.revoke(vault._token)  # the next read gets 403 and logs in again
     assert source.read().client_secret == SECRET
-    assert vault._hvac.auth.token.lookup_self()["data"]["meta"]["common_name"] == "after-rotation"
+    assert lookup_self(vault)["meta"]["common_name"] == "after-rotation"
 
 
 def test_method_cert_needs_cert_file_and_key_file():

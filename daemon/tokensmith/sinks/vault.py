@@ -56,27 +56,16 @@ class VaultSink:
         history cannot hand it out again. Answers what was done, for the audit line."""
         vault = self.backends.vault()
         mount, path = self.config.mount, self.config.path
-        what = f"vault secret {mount}/{path}"
-        metadata = vault._call(lambda kv: kv.secrets.kv.v2.read_secret_metadata(path, mount_point=mount), what,
-                               self.client_name, SinkError)
-        versions = (metadata.get("data") or {}).get("versions") or {}
+        metadata = vault.kv2_metadata(mount, path, client=self.client_name, error_cls=SinkError)
+        versions = metadata.get("versions") or {}
         holding = []
         for number, info in versions.items():
             if info.get("destroyed") or info.get("deletion_time"):
                 continue
-            data = self._version(vault, mount, path, int(number))
+            data = vault.kv2_version(mount, path, int(number), client=self.client_name, error_cls=SinkError)
             if isinstance(data, dict) and data.get("access_token") == access_token:
                 holding.append(int(number))
         if not holding:
             return "no version holds the old token"
-        vault._call(lambda kv: kv.secrets.kv.v2.destroy_secret_versions(path, holding, mount_point=mount), what,
-                    self.client_name, SinkError)
+        vault.kv2_destroy(mount, path, holding, client=self.client_name, error_cls=SinkError)
         return f"destroyed version(s) {', '.join(map(str, sorted(holding)))}"
-
-    def _version(self, vault, mount: str, path: str, number: int) -> dict | None:
-        response = vault._call(lambda kv: kv.secrets.kv.v2.read_secret_version(
-            path, version=number, mount_point=mount, raise_on_deleted_version=False),
-            f"vault secret {mount}/{path} version {number}", self.client_name, SinkError)
-        data = (response.get("data") or {}).get("data")
-        return data if isinstance(data, dict) else None
-

@@ -1,6 +1,6 @@
 """Credential sources: where client_id, client_secret and, per grant, username/password or a
 bootstrap refresh token come from. One small module per store, registered in SOURCES by the
-config's `type`; modules are imported only when a config uses them (boto3 and hvac are heavy)."""
+config's `type`; modules are imported only when a config uses them (boto3 is heavy)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ STATE_BACKENDS = {
 
 
 def build_state_backend(settings: "Settings", backends: "Backends | None" = None) -> StateBackend:
-    """The configured backend; vault and dynamodb import hvac/boto3 only here, when chosen."""
+    """The configured backend; its module (dynamodb: boto3) is imported only here, when chosen."""
     module, name = STATE_BACKENDS[settings.state.type].split(":")
     cls = getattr(import_module(module), name)
     if backends is None and settings.state.type != "file":
