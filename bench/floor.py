@@ -5,10 +5,10 @@ one keep-alive POST with http.client, a JSON parse of the reply, and two atomic 
 file written, fsynced, renamed and its directory fsynced: the state (token durable first) and the
 sink. Nothing else: no scheduler, no logging, no validation, no threads.
 
---apscheduler: the same refresh, driven the way the daemon drives its keepers (one APScheduler job
-per client on a BackgroundScheduler with an 8-thread pool, a long interval trigger that only keeps
-the job alive, and modify_job for each next run), so floor+APScheduler minus floor is APScheduler's
-share of a refresh. Its rate is fixed at start.
+--apscheduler: the same refresh, driven the way the daemon drives its keepers (tokensmith/schedule.py:
+one APScheduler job per client on its BackgroundScheduler subclass with an 8-thread pool, a trigger
+that parks a submitted job, and each run moving its job to its next time), so floor+APScheduler
+minus floor is APScheduler's share of a refresh. Its rate is fixed at start.
 
 Run: python bench/floor.py --port P --dir D --clients N --rate R [--apscheduler]
 Prints "READY" when connected, then "<refreshes done>" once a second on stdout. A number on stdin
@@ -58,37 +58,39 @@ def refresh(conn: http.client.HTTPConnection, state_dir: str, sink_dir: str, nam
 
 
 def scheduled(port: int, state_dir: str, sink_dir: str, clients: int, rate: float, interval: bool = False) -> None:
-    from datetime import datetime, timedelta, timezone
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import timezone
 
-    from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.schedulers.background import BackgroundScheduler
-    from apscheduler.triggers.interval import IntervalTrigger
+    from tokensmith.schedule import PoolExecutor, Scheduler, UntilMoved, utc
 
     local = threading.local()
     counter = [0]
     lock = threading.Lock()
-    period = timedelta(seconds=clients / rate)
-    scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(8)},
-                                    job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-                                    timezone=timezone.utc)
+    period = clients / rate
+    scheduler = Scheduler(executors={"default": PoolExecutor(ThreadPoolExecutor(8))},
+                          job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+                          timezone=timezone.utc)
 
-    def job(name: str) -> None:
+    def job(name: str) -> float | None:
         conn = getattr(local, "conn", None)
         if conn is None:
             conn = local.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         refresh(conn, state_dir, sink_dir, name)
         with lock:
             counter[0] += 1
-        if not interval:
-            scheduler.modify_job(name, next_run_time=datetime.now(timezone.utc) + period)
+        return None if interval else time.time() + period
 
-    keepalive = IntervalTrigger(seconds=period.total_seconds(), timezone=timezone.utc) if interval \
-        else IntervalTrigger(weeks=520, timezone=timezone.utc)
-    start = datetime.now(timezone.utc)
+    if interval:
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        trigger = IntervalTrigger(seconds=period, timezone=timezone.utc)
+    else:
+        trigger = UntilMoved()
+    start = time.time()
     for i in range(clients):
         name = f"c{i:05d}"
-        scheduler.add_job(job, keepalive, args=[name], id=name, name=name,
-                          next_run_time=start + period * (i / clients))
+        scheduler.add_job(job, trigger, args=[name], id=name, name=name,
+                          next_run_time=utc(start + period * i / clients))
     scheduler.start()
     print("READY", flush=True)
     while True:
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, required=True)
     parser.add_argument("--apscheduler", action="store_true")
     parser.add_argument("--interval", action="store_true",
-                        help="with --apscheduler: a plain interval trigger, no modify_job after each run")
+                        help="with --apscheduler: a plain interval trigger, no move after each run")
     args = parser.parse_args(argv)
     state_dir, sink_dir = os.path.join(args.dir, "state"), os.path.join(args.dir, "tokens")
     os.makedirs(state_dir, mode=0o700, exist_ok=True)

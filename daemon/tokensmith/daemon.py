@@ -213,15 +213,10 @@ class Daemon:
                     self._add_job(name, keeper)
 
     def _start_scheduler(self) -> None:
-        from apscheduler.executors.pool import BasePoolExecutor, ThreadPoolExecutor as PoolExecutor
-        from apscheduler.schedulers.background import BackgroundScheduler
+        from tokensmith.schedule import PoolExecutor, Scheduler
 
-        class SharedPoolExecutor(PoolExecutor):  # APScheduler's own would start a second pool
-            def __init__(self, pool):
-                BasePoolExecutor.__init__(self, pool)
-
-        self.scheduler = BackgroundScheduler(
-            executors={"default": SharedPoolExecutor(self.pool)},
+        self.scheduler = Scheduler(
+            executors={"default": PoolExecutor(self.pool)},  # our pool: APScheduler's own would be a second one
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=timezone.utc)
         if self.serve:
@@ -229,19 +224,21 @@ class Daemon:
         self.scheduler.start()
 
     def _add_job(self, name: str, keeper: Keeper) -> None:
-        from apscheduler.triggers.interval import IntervalTrigger
+        from tokensmith.schedule import UntilMoved
 
         if self._keepalive_trigger is None:  # one shared, stateless trigger: 5,000 jobs need not own one each
-            self._keepalive_trigger = IntervalTrigger(weeks=520, timezone=timezone.utc)
-        # The keeper decides every next run itself (see _run); the interval only keeps the job alive.
+            self._keepalive_trigger = UntilMoved()
+        # The keeper decides every next run itself (see _run); the trigger only parks a submitted job.
         self.scheduler.add_job(self._run, self._keepalive_trigger, args=[name], id=name,
                                name=name, next_run_time=utc(max(keeper.next_due(), self.clock())),
                                replace_existing=True)
 
-    def _run(self, name: str, first: bool = False) -> None:
+    def _run(self, name: str, first: bool = False) -> float | None:
+        """One keeper's run. A scheduled run returns when its job runs next (the executor moves the
+        job there once the run is over: schedule.PoolExecutor); a first run adds the client's job."""
         keeper = self.keepers.get(name)
         if keeper is None or self.stop_event.is_set():
-            return
+            return None
         with self._idle:
             self._running_jobs += 1
         try:
@@ -256,24 +253,19 @@ class Daemon:
                     keeper = self.keepers.get(name)
                     if self._scheduler_ready and keeper is not None and not self.stop_event.is_set():
                         self._add_job(name, keeper)
-            else:
-                self._reschedule(name, due)
+                return None
+            return None if self.stop_event.is_set() else max(due, self.clock())
         finally:
             with self._idle:
                 self._running_jobs -= 1
                 self._idle.notify_all()
 
     def _reschedule(self, name: str, due: float) -> None:
-        from apscheduler.jobstores.base import JobLookupError
-
-        # Runs after APScheduler has stored the interval's next time (it holds the jobstore lock
-        # from submitting the job until then), so this modification always wins.
+        # The scheduler's pass holds the jobstore lock from submitting a job until it has parked it,
+        # so a move always lands after the park.
         if self.stop_event.is_set():
             return
-        try:
-            self.scheduler.modify_job(name, next_run_time=utc(max(due, self.clock())))
-        except JobLookupError:
-            pass
+        self.scheduler.move(name, max(due, self.clock()))
 
     # ---- requests from the control socket and the CLI
 
