@@ -14,10 +14,10 @@ import pytest
 from fakes import FakeClock, MemorySink, StaticSource
 from tokensmith.config import ClientConfig
 from tokensmith.devserver import OAuthServer
-from tokensmith.errors import InternalError, SourceError, TokenEndpointError
+from tokensmith.errors import InternalError, SourceError, StateError, TokenEndpointError
 from tokensmith.keeper import Keeper, _internal
 from tokensmith.redact import MARK
-from tokensmith.state import StateStore
+from tokensmith.state import FencedError, StaleStateError, StateStore
 from tokensmith.tokenclient import TokenClient
 
 
@@ -163,3 +163,119 @@ def test_an_unexpected_exception_becomes_a_retryable_internal_error_naming_where
     never_raised = _internal(ValueError("secret"), "c2", "sink file:x")
     assert never_raised.message == "sink file:x: unexpected ValueError" and never_raised.client == "c2"
     assert never_raised.retryable
+
+
+class ConflictingStore(StateStore):
+    """The file store, except that the next save meets another replica's write (as a shared store's CAS does)."""
+
+    conflict = False
+
+    def save(self, client, state, *, sync_dir=True):
+        if self.conflict:
+            self.conflict = False
+            raise StaleStateError(f"another writer moved client {client} on (version 3, this replica last saw "
+                                  f"version 2); nothing was written", client=client)
+        super().save(client, state, sync_dir=sync_dir)
+
+
+def test_a_state_write_another_replica_beat_is_a_retryable_failure_and_keeps_the_old_state(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.store = store = ConflictingStore(tmp_path / "state")
+    keeper.run_due()
+    held = keeper.state.access_token
+    store.conflict = True
+    outcome = keeper.refresh(reason="test")
+    error = outcome.error
+    assert type(error) is StateError and error.retryable and error.client == "c1"
+    assert error.message == ("another writer moved client c1 on (version 3, this replica last saw version 2); "
+                             "nothing was written")
+    assert keeper.state.access_token == held and keeper.sinks[0].current.access_token == held
+    assert keeper.failures == 1 and keeper.next_due() - clock() <= keeper.client.refresh.backoff_initial
+
+
+class Leader:
+    """A leadership that can be lost between obtaining a token and writing the sinks."""
+
+    def __init__(self):
+        self.lost = False
+        self.fenced_with = []
+
+    def before_request(self, deadline):
+        pass
+
+    def fence(self):
+        if self.lost:
+            raise FencedError("lease lost to replica b", client="c1")
+
+    def fenced(self, reason):
+        self.fenced_with.append(reason)
+
+
+def test_a_leader_deposed_after_the_exchange_writes_no_sink(server, clock, tmp_path, caplog):
+    sink = MemorySink()
+    keeper = make_keeper(server, clock, tmp_path, sinks=[sink])
+    keeper.leader = leader = Leader()
+    keeper.run_due()
+    assert len(sink.tokens) == 1
+
+    class LosingSource(StaticSource):
+        def read(self):  # the lease is lost while the token request is in flight
+            leader.lost = True
+            return super().read()
+
+    keeper.source = LosingSource(client_id="app", client_secret="app-secret", username="alice",
+                                 password="alice-password")
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test", reload_credentials=True)
+    assert isinstance(outcome.error, FencedError) and outcome.sinks == {}
+    assert len(sink.tokens) == 1 and leader.fenced_with == ["lease lost to replica b"]
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "fenced"]
+    assert line.getMessage() == "refresh stopped: lease lost to replica b" and line.client == "c1"
+
+
+class Metrics:
+    def __init__(self):
+        self.calls = []
+
+    def refresh_attempt(self, client, grant):
+        pass
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        pass
+
+    def sink_failure(self, client, sink_type):
+        self.calls.append(("sink_failure", client, sink_type))
+
+    def sink_success(self, client, sink, when):
+        self.calls.append(("sink_success", client, sink, when))
+
+
+def test_a_sink_bug_is_kept_as_the_clients_last_error_and_each_sink_is_counted(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug holding at-secret")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[Broken("memory:broken"), MemorySink("memory:good")])
+    keeper.metrics = metrics = Metrics()
+    clock.advance(0.5)
+    keeper.refresh(reason="test")
+    raised_at = f"test_keeper_reporting.py:{Broken.write.__code__.co_firstlineno + 1}"
+    assert keeper.state.last_error == f"client c1: sink memory:broken: unexpected RuntimeError at {raised_at}"
+    assert keeper.state.last_error_at == clock()
+    assert metrics.calls == [("sink_failure", "c1", "memory"), ("sink_success", "c1", "memory:good", clock())]
+
+
+def test_a_token_obtained_the_instant_the_old_one_expired_is_spread_as_a_catch_up(server, clock, tmp_path):
+    """At its expires_at a token is no longer valid, so the next one is scheduled like a first token."""
+    dues = []
+    for seed in range(12):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), refresh={"at_fraction": 0.75, "jitter": 0.1,
+                                                                           "min_lead": 0})
+        keeper.rng = random.Random(seed)
+        keeper.refresh(reason="test")
+        clock.advance(keeper.state.expires_at - clock())
+        keeper.refresh(reason="test")
+        assert keeper.state.obtained_at == clock()
+        dues.append((keeper.next_due() - clock()) / 600)
+    assert all(0.375 <= due <= 0.85 for due in dues)
+    assert min(dues) < 0.6, "an expired token's successor must be spread from the early catch-up point"
