@@ -131,3 +131,71 @@ def test_malformed_requests_name_the_problem(message, error):
 def test_malformed_bytes_name_the_problem(data, error):
     with pytest.raises(RequestError, match=error):
         parse_request(data)
+
+
+def test_a_request_of_exactly_64_kib_is_read_and_one_byte_more_is_refused():
+    request = b'{"op": "status"}'
+    assert MAX_REQUEST == 65536
+    assert parse_request(request + b" " * (65536 - len(request))) == Request("status")
+    with pytest.raises(RequestError) as caught:
+        parse_request(request + b" " * (65537 - len(request)))
+    assert str(caught.value) == "request longer than 65536 bytes"
+
+
+@pytest.mark.parametrize("data, error", [
+    (b'{"op": "status", "op": "status"}', "field 'op' appears twice"),
+    (b'{"op": "status", "x": Infinity}', "Infinity is not valid JSON"),
+    (b'{"op": "status", "x": -Infinity}', "-Infinity is not valid JSON"),
+    (b"[" * 30000, "request is nested too deeply"),
+    (b'{"op": "status"', "request is not one line of UTF-8 JSON"),
+    (b"\xc3", "request is not one line of UTF-8 JSON"),
+    (b"null", "request must be a JSON object"),
+    (b'{"op": "reboot"}', "unknown op; expected one of ping, rotate, status"),
+    (b'{"op": null}', "unknown op; expected one of ping, rotate, status"),
+    (b'{"op": "ping", "all": true}', "op ping: unknown field 'all'"),
+    (b'{"op": "status", "zeta": 1, "alpha": 2}', "op status: unknown field 'alpha'"),
+    (b'{"op": "rotate", "all": true, "' + b"u" * 40 + b'": 1}', f"op rotate: unknown field {'u' * 40!r}"),
+    (b'{"op": "rotate", "all": true, "' + b"u" * 41 + b'": 1}', "op rotate: unknown field '(unprintable)'"),
+    (b'{"op": "rotate", "all": true, "url\\u001b[2J": 1}', "op rotate: unknown field '(unprintable)'"),
+    (b'{"op": "rotate", "all": "yes"}', "op rotate: field 'all' must be true or false"),
+    (b'{"op": "rotate", "client": ""}',
+     "op rotate: field 'client' must be a client name (letters, digits, '.', '_', '-')"),
+    (b'{"op": "rotate", "client": "-billing"}',
+     "op rotate: field 'client' must be a client name (letters, digits, '.', '_', '-')"),
+    (b'{"op": "rotate", "client": "' + b"b" * 101 + b'"}',
+     "op rotate: field 'client' must be a client name (letters, digits, '.', '_', '-')"),
+    (b'{"op": "rotate", "all": false}', "op rotate: give either client or all: true"),
+    (b'{"op": "rotate", "all": true, "verify": true}', "op rotate: verify needs compromised"),
+])
+def test_each_refusal_is_its_own_exact_one_line_message(data, error):
+    """The message is what the CLI shows the operator: it names the problem and never echoes the request."""
+    with pytest.raises(RequestError) as caught:
+        parse_request(data)
+    assert str(caught.value) == error and caught.value.__cause__ is None
+
+
+def test_every_field_of_a_rotate_request_is_read():
+    request = parse_request(b'{"op": "rotate", "client": "billing.eu_1-a", "compromised": true, '
+                            b'"accept_unrevoked": true, "reload_credentials": true, "verify": true}')
+    assert request == Request("rotate", client="billing.eu_1-a", compromised=True, accept_unrevoked=True,
+                              reload_credentials=True, verify=True)
+    assert not request.all
+    assert parse_request(b'{"op": "rotate", "client": "' + b"b" * 100 + b'"}').client == "b" * 100
+    assert parse_request(b'{"op": "rotate", "all": true, "compromised": false}') == Request("rotate", all=True)
+    assert parse_request(b'{"op": "ping"}') == Request("ping")
+    assert FLAGS == ("all", "compromised", "accept_unrevoked", "reload_credentials", "verify")
+
+
+def test_a_request_encodes_to_its_smallest_message_on_one_line():
+    assert Request("status").message() == {"op": "status"}
+    assert Request("rotate", all=True).encode() == b'{"op": "rotate", "all": true}\n'
+    assert Request("rotate", client="billing", compromised=True, verify=True).message() == {
+        "op": "rotate", "client": "billing", "compromised": True, "verify": True}
+
+
+def test_the_verb_names_a_compromise_rotation():
+    """The verb is what the control log and audit line call a request."""
+    assert Request("rotate", client="billing", compromised=True).verb == "rotate --compromised"
+    assert Request("rotate", client="billing").verb == "rotate"
+    assert Request("status").verb == "status"
+    assert Request("status", compromised=True).verb == "status"

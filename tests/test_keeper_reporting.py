@@ -1,0 +1,281 @@
+"""What the keeper reports about a failed refresh: error text cut against every secret and token it
+holds, the alert a rejected client authentication raises, the log line's reason, and the status of a
+refresh in progress. The token client is the real one against the real token endpoint; where a
+layer below must fail in a way the endpoint cannot produce, a wrapper raises that error instead."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+
+import pytest
+
+from fakes import FakeClock, MemorySink, StaticSource
+from tokensmith.config import ClientConfig
+from tokensmith.devserver import OAuthServer
+from tokensmith.errors import InternalError, SourceError, StateError, TokenEndpointError
+from tokensmith.keeper import Keeper, _internal
+from tokensmith.redact import MARK
+from tokensmith.state import FencedError, StaleStateError, StateStore
+from tokensmith.tokenclient import TokenClient
+
+
+class ScriptedTokenClient:
+    """The real token client, except that queued errors are raised (one per request) first."""
+
+    def __init__(self, real):
+        self.real = real
+        self.errors = []
+        self.grants = []
+
+    def obtain(self, grant, creds, refresh_token=None):
+        self.grants.append(grant)
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.real.obtain(grant, creds, refresh_token=refresh_token)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def server(clock):
+    with OAuthServer(access_lifetime=600, clock=clock) as server:
+        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
+        yield server
+
+
+def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None):
+    config = ClientConfig(name="c1", token_url=server.token_url, grant="password", auth_style=auth_style,
+                          source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}], refresh=refresh or {})
+    source = source or StaticSource(client_id="app", client_secret="app-secret", username="alice",
+                                    password="alice-password")
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    client = ScriptedTokenClient(TokenClient(config, clock=clock))
+    keeper = Keeper(config, source, sinks if sinks is not None else [MemorySink()], client, store, clock=clock,
+                    rng=random.Random(1))
+    keeper.load()
+    return keeper
+
+
+def test_a_failure_that_quotes_secrets_and_tokens_is_cut_before_it_is_kept_or_returned(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    keeper.run_due()
+    access, dead_refresh = keeper.state.access_token, keeper.state.refresh_token
+    assert access and dead_refresh
+    basic = base64.b64encode(b"app:app-secret").decode()
+    # the exchange is refused (the refresh token is dropped from state), then the primary grant fails
+    # with text that quotes the client secret, the password, the Basic pair and the old token pair
+    keeper.token_client.errors = [
+        TokenEndpointError("refresh token refused", error="invalid_grant", retryable=False),
+        TokenEndpointError(f"provider echoed secret=app-secret password=alice-password Basic {basic} "
+                           f"access={access} refresh={dead_refresh} end", error="server_error", retryable=True)]
+    outcome = keeper.refresh(reason="test")
+    assert keeper.token_client.grants[-2:] == ["refresh_token", "password"]
+    assert keeper.state.refresh_token is None
+    message = outcome.error.message
+    assert message == (f"provider echoed secret={MARK} password={MARK} Basic {MARK} access={MARK} "
+                       f"refresh={MARK} end")
+    assert outcome.error.args == (message,)
+    assert keeper.state.last_error == message and keeper.status()["last_error"] == message
+
+
+@pytest.mark.parametrize("style", ["basic", "post", "json", "query"])
+def test_invalid_client_with_a_secret_asks_for_the_secret_to_be_rotated(server, clock, tmp_path, style, caplog):
+    keeper = make_keeper(server, clock, tmp_path, auth_style=style)
+    keeper.token_client.errors = [TokenEndpointError("client authentication failed", error="invalid_client",
+                                                     retryable=False)]
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper.refresh(reason="test")
+    assert keeper.state.alert == "invalid_client: the provider rejected the client secret; rotate it in the source"
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert line.levelno == logging.CRITICAL and line.reason == "invalid_client"
+
+
+def test_invalid_client_with_a_key_names_the_method_and_the_cut_answer(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, auth_style="private_key_jwt")
+    answer = "assertion signature does not verify " + "x" * 200
+    keeper.token_client.errors = [TokenEndpointError(answer, error="invalid_client", retryable=False)]
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper.refresh(reason="test")
+    assert keeper.state.alert == (f"invalid_client: the provider rejected the client's private_key_jwt authentication "
+                                  f"({answer[:160]}); check the key, certificate or assertion in the source")
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert line.levelno == logging.CRITICAL
+
+
+def test_client_material_that_cannot_be_used_is_a_critical_alert(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, auth_style="private_key_jwt")
+    answer = "private key in the source is not a PEM key " + "y" * 200
+    keeper.token_client.errors = [TokenEndpointError(answer, error="invalid_client_material", retryable=False)]
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper.refresh(reason="test")
+    assert keeper.state.alert == f"invalid_client_material: {answer[:200]}"
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert line.levelno == logging.CRITICAL and line.reason == "invalid_client_material"
+
+
+def test_an_error_without_an_oauth_reason_is_logged_under_its_type(server, clock, tmp_path, caplog):
+    source = StaticSource(client_id="app", client_secret="app-secret", username="alice", password="alice-password")
+    source.fail = 1
+    keeper = make_keeper(server, clock, tmp_path, source=source)
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test")
+    assert isinstance(outcome.error, SourceError)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"]
+    assert line.levelno == logging.ERROR and line.reason == "SourceError" and keeper.state.alert is None
+
+
+def test_status_during_a_refresh_says_since_when_it_has_been_busy(server, clock, tmp_path):
+    seen = []
+
+    class WatchingSource(StaticSource):
+        def read(self):
+            seen.append(keeper.status()["busy_since"])
+            return super().read()
+
+    source = WatchingSource(client_id="app", client_secret="app-secret", username="alice", password="alice-password")
+    keeper = make_keeper(server, clock, tmp_path, source=source)
+    assert keeper.status()["busy_since"] is None
+    clock.advance(0.75)
+    keeper.refresh(reason="test")
+    clock.advance(100)
+    keeper.run_due()  # a run with nothing due reads no credentials
+    assert keeper.refresh(reason="test", reload_credentials=True).ok
+    assert seen == [int(1_800_000_000.75), int(1_800_000_100.75)]
+    assert keeper.status()["busy_since"] is None and keeper.busy_since is None
+
+
+def test_an_unexpected_exception_becomes_a_retryable_internal_error_naming_where_it_was_raised(server, clock,
+                                                                                               tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    bug = RuntimeError("token at-secret-in-a-bug")
+    keeper.token_client.errors = [bug]
+    outcome = keeper.refresh(reason="test")
+    error = outcome.error
+    assert isinstance(error, InternalError) and error.retryable and error.client == "c1" and error.__cause__ is bug
+    assert error.message.startswith("refresh: unexpected RuntimeError at test_keeper_reporting.py:")
+    assert "at-secret" not in str(error)
+    never_raised = _internal(ValueError("secret"), "c2", "sink file:x")
+    assert never_raised.message == "sink file:x: unexpected ValueError" and never_raised.client == "c2"
+    assert never_raised.retryable
+
+
+class ConflictingStore(StateStore):
+    """The file store, except that the next save meets another replica's write (as a shared store's CAS does)."""
+
+    conflict = False
+
+    def save(self, client, state, *, sync_dir=True):
+        if self.conflict:
+            self.conflict = False
+            raise StaleStateError(f"another writer moved client {client} on (version 3, this replica last saw "
+                                  f"version 2); nothing was written", client=client)
+        super().save(client, state, sync_dir=sync_dir)
+
+
+def test_a_state_write_another_replica_beat_is_a_retryable_failure_and_keeps_the_old_state(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.store = store = ConflictingStore(tmp_path / "state")
+    keeper.run_due()
+    held = keeper.state.access_token
+    store.conflict = True
+    outcome = keeper.refresh(reason="test")
+    error = outcome.error
+    assert type(error) is StateError and error.retryable and error.client == "c1"
+    assert error.message == ("another writer moved client c1 on (version 3, this replica last saw version 2); "
+                             "nothing was written")
+    assert keeper.state.access_token == held and keeper.sinks[0].current.access_token == held
+    assert keeper.failures == 1 and keeper.next_due() - clock() <= keeper.client.refresh.backoff_initial
+
+
+class Leader:
+    """A leadership that can be lost between obtaining a token and writing the sinks."""
+
+    def __init__(self):
+        self.lost = False
+        self.fenced_with = []
+
+    def before_request(self, deadline):
+        pass
+
+    def fence(self):
+        if self.lost:
+            raise FencedError("lease lost to replica b", client="c1")
+
+    def fenced(self, reason):
+        self.fenced_with.append(reason)
+
+
+def test_a_leader_deposed_after_the_exchange_writes_no_sink(server, clock, tmp_path, caplog):
+    sink = MemorySink()
+    keeper = make_keeper(server, clock, tmp_path, sinks=[sink])
+    keeper.leader = leader = Leader()
+    keeper.run_due()
+    assert len(sink.tokens) == 1
+
+    class LosingSource(StaticSource):
+        def read(self):  # the lease is lost while the token request is in flight
+            leader.lost = True
+            return super().read()
+
+    keeper.source = LosingSource(client_id="app", client_secret="app-secret", username="alice",
+                                 password="alice-password")
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test", reload_credentials=True)
+    assert isinstance(outcome.error, FencedError) and outcome.sinks == {}
+    assert len(sink.tokens) == 1 and leader.fenced_with == ["lease lost to replica b"]
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "fenced"]
+    assert line.getMessage() == "refresh stopped: lease lost to replica b" and line.client == "c1"
+
+
+class Metrics:
+    def __init__(self):
+        self.calls = []
+
+    def refresh_attempt(self, client, grant):
+        pass
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        pass
+
+    def sink_failure(self, client, sink_type):
+        self.calls.append(("sink_failure", client, sink_type))
+
+    def sink_success(self, client, sink, when):
+        self.calls.append(("sink_success", client, sink, when))
+
+
+def test_a_sink_bug_is_kept_as_the_clients_last_error_and_each_sink_is_counted(server, clock, tmp_path):
+    class Broken(MemorySink):
+        def write(self, token):
+            raise RuntimeError("bug holding at-secret")
+
+    keeper = make_keeper(server, clock, tmp_path, sinks=[Broken("memory:broken"), MemorySink("memory:good")])
+    keeper.metrics = metrics = Metrics()
+    clock.advance(0.5)
+    keeper.refresh(reason="test")
+    raised_at = f"test_keeper_reporting.py:{Broken.write.__code__.co_firstlineno + 1}"
+    assert keeper.state.last_error == f"client c1: sink memory:broken: unexpected RuntimeError at {raised_at}"
+    assert keeper.state.last_error_at == clock()
+    assert metrics.calls == [("sink_failure", "c1", "memory"), ("sink_success", "c1", "memory:good", clock())]
+
+
+def test_a_token_obtained_the_instant_the_old_one_expired_is_spread_as_a_catch_up(server, clock, tmp_path):
+    """At its expires_at a token is no longer valid, so the next one is scheduled like a first token."""
+    dues = []
+    for seed in range(12):
+        keeper = make_keeper(server, clock, tmp_path / str(seed), refresh={"at_fraction": 0.75, "jitter": 0.1,
+                                                                           "min_lead": 0})
+        keeper.rng = random.Random(seed)
+        keeper.refresh(reason="test")
+        clock.advance(keeper.state.expires_at - clock())
+        keeper.refresh(reason="test")
+        assert keeper.state.obtained_at == clock()
+        dues.append((keeper.next_due() - clock()) / 600)
+    assert all(0.375 <= due <= 0.85 for due in dues)
+    assert min(dues) < 0.6, "an expired token's successor must be spread from the early catch-up point"
