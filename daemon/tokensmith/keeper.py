@@ -384,6 +384,12 @@ class Keeper:
             else:
                 self.state.alert = (f"invalid_client: the provider rejected the client's {method} authentication "
                                     f"({exc.message[:160]}); check the key, certificate or assertion in the source")
+        elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_grant" and self.client.grant == "refresh_token":
+            # the seed is dead too (spent, expired, or its family revoked after a reuse): only an operator can help
+            level = logging.CRITICAL
+            self.state.alert = ("invalid_grant: the provider refused the refresh token (spent, expired or revoked; a "
+                                "reused one makes some providers revoke its whole family); put a new refresh token "
+                                "in the source")
         elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_client_material":
             level = logging.CRITICAL
             self.state.alert = f"invalid_client_material: {exc.message[:200]}"
