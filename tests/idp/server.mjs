@@ -54,7 +54,7 @@ server.listen(config.port || 0, host, () => {
     clockTolerance: 0,
   });
   provider.on('server_error', (ctx, err) => console.error('server_error', err));
-  provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_description || ''));
+  provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_description || '', err.error_detail || ''));
   provider.on('grant.success', (ctx) => console.error('grant.success', ctx.oidc.params.grant_type));
   provider.on('grant.revoked', () => console.error('grant.revoked'));
   const callback = provider.callback();

@@ -78,8 +78,13 @@ def active(idp, token: str) -> bool:
     return reply.json()["active"]
 
 
-def idp_events(idp, name: str) -> list[str]:
-    return [line for line in idp.stderr.read_text().splitlines() if line.startswith(name)]
+def idp_lines(idp) -> list[str]:
+    return idp.stderr.read_text().splitlines()
+
+
+def idp_events(idp, name: str, project) -> list[str]:
+    """What oidc-provider logged (grant.success, grant.error, grant.revoked) since the test began."""
+    return [line for line in idp_lines(idp)[project.idp_log_start:] if line.startswith(name)]
 
 
 @pytest.fixture
@@ -94,6 +99,7 @@ def project(tmp_path, idp_rt):
     write_private(tmp_path / "creds" / "rt.json", {"client_id": "rt", "client_secret": IDP_SECRET,
                                                    "refresh_token": seed["refresh_token"]})
     project.seed = seed
+    project.idp_log_start = len(idp_lines(idp_rt))
     project.write()
     return project
 
@@ -119,7 +125,7 @@ def test_each_exchange_rotates_the_refresh_token_and_tokensmith_follows_the_chai
     assert [active(idp_rt, token) for token in refresh_tokens] == [False, False, False, True]
     assert project.token("rt") == chain[-1]["access_token"] and active(idp_rt, chain[-1]["access_token"])
     # each exchange presented the refresh token the previous one returned: no reuse, so the family lives on
-    assert not [line for line in idp_events(idp_rt, "grant.error") if "already used" in line]
+    assert not [line for line in idp_events(idp_rt, "grant.error", project) if "already used" in line]
     # oidc-provider, unlike the dev server and iQmetrix, leaves the access token of a spent refresh token active
     assert active(idp_rt, chain[0]["access_token"])
 
@@ -152,7 +158,7 @@ def test_compromise_rotation_says_what_oidc_provider_really_did(project, idp_rt)
         assert audit["invalidation"] == "revocation" and audit["result"] == "new_token_revoked"
         assert audit["old_token"] == fingerprint(old["access_token"])
         status = json.loads(project.cli("status", "--json").stdout)
-        [client] = status["clients"] if isinstance(status, dict) else status
+        [client] = status["clients"]
         assert "revoked the new token" in client["alert"]
     finally:
         daemon.stop()
@@ -171,18 +177,18 @@ def test_a_replayed_refresh_token_revokes_the_family_and_tokensmith_stops_with_a
                                data={"grant_type": "refresh_token", "refresh_token": spent["refresh_token"]})
         assert replay.status_code == 400 and replay.json()["error"] == "invalid_grant"
         assert not active(idp_rt, current["access_token"]) and not active(idp_rt, current["refresh_token"])
-        errors_before = len(idp_events(idp_rt, "grant.error"))
+        errors_before = len(idp_events(idp_rt, "grant.error", project))
         result = project.cli("rotate", "rt")
         assert result.returncode == 1
         assert "client rt" in result.stdout + result.stderr and "invalid_grant" in result.stdout + result.stderr
         status = json.loads(project.cli("status", "--json").stdout)
-        [client] = status["clients"] if isinstance(status, dict) else status
-        assert client["alert"].startswith("invalid_grant") and "new refresh token" in client["alert"]
+        [client] = status["clients"]
+        assert "refused (invalid_grant)" in client["alert"] and "new refresh token" in client["alert"]
         assert "invalid_grant" in client["last_error"] and client["failures"] == 1
-        # the held refresh token, then the (spent) seed: two refusals, then the non-retryable backoff
-        assert len(idp_events(idp_rt, "grant.error")) - errors_before == 2
+        # one refusal (the held refresh token); the spent seed is not replayed, and no retry follows at once
+        assert len(idp_events(idp_rt, "grant.error", project)) - errors_before == 1
         with pytest.raises(AssertionError):
-            wait_for(lambda: len(idp_events(idp_rt, "grant.error")) > errors_before + 2, timeout=1.0)
+            wait_for(lambda: len(idp_events(idp_rt, "grant.error", project)) > errors_before + 1, timeout=1.0)
         assert spent["refresh_token"] not in daemon.log and current["refresh_token"] not in daemon.log
     finally:
         daemon.stop()
@@ -199,3 +205,33 @@ def test_rfc7009_revocation_of_a_held_refresh_token_ends_its_family(project, idp
     assert not active(idp_rt, state["refresh_token"]) and not active(idp_rt, state["access_token"])
     result = project.cli("rotate", "rt")
     assert result.returncode == 1 and "invalid_grant" in result.stdout + result.stderr
+
+
+def test_a_spent_seed_is_never_presented_again(project, idp_rt):
+    """With grant refresh_token the primary grant presents the seed from the source. Once the chain has
+    spent it, presenting it again is a replay: oidc-provider would revoke the whole family, the live refresh
+    token included. Here the held refresh token is past refresh_token_lifetime, so the keeper turns to the
+    primary grant: it must refuse to replay the seed and leave the family alive."""
+    project.clients[0]["refresh"]["refresh_token_lifetime"] = 0.001
+    daemon = project.start()
+    try:
+        daemon.wait_ready()
+        state = held(project)
+        result = project.cli("rotate", "rt")
+        assert result.returncode == 1
+        assert "client rt" in result.stdout and "already spent" in result.stdout
+        assert not [line for line in idp_events(idp_rt, "grant.error", project) if "already used" in line], \
+            "the spent seed was replayed"
+        assert not idp_events(idp_rt, "grant.revoked", project)
+        assert active(idp_rt, state["refresh_token"]) and active(idp_rt, state["access_token"])
+        status = json.loads(project.cli("status", "--json").stdout)
+        [client] = status["clients"]
+        assert client["alert"].startswith("spent_refresh_token") and "new refresh token" in client["alert"]
+        # the operator's new seed is taken
+        write_private(project.root / "creds" / "rt.json", {"client_id": "rt", "client_secret": IDP_SECRET,
+                                                           "refresh_token": authorize(idp_rt)["refresh_token"]})
+        again = project.cli("rotate", "rt")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert active(idp_rt, project.token("rt")) and held(project)["refresh_token"] != state["refresh_token"]
+    finally:
+        daemon.stop()
