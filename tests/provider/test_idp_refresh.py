@@ -109,7 +109,7 @@ def held(project) -> dict:
     return json.loads((project.root / "state" / "rt.json").read_text())
 
 
-def test_each_exchange_rotates_the_refresh_token_and_tokensmith_follows_the_chain(project, idp_rt):
+def test_each_exchange_rotates_the_refresh_token_and_tokensmith_follows_the_chain(project, idp_rt, report):
     first = project.cli("once")
     assert first.returncode == 0, first.stdout + first.stderr
     state = held(project)
@@ -128,9 +128,12 @@ def test_each_exchange_rotates_the_refresh_token_and_tokensmith_follows_the_chai
     assert not [line for line in idp_events(idp_rt, "grant.error", project) if "already used" in line]
     # oidc-provider, unlike the dev server and iQmetrix, leaves the access token of a spent refresh token active
     assert active(idp_rt, chain[0]["access_token"])
+    report.record("oidc-provider rotates the refresh token on every exchange",
+                  "each new refresh token persisted and presented next; the spent ones inactive at the provider; "
+                  "no reuse", exchanges=len(idp_events(idp_rt, "grant.success", project)))
 
 
-def test_compromise_rotation_says_what_oidc_provider_really_did(project, idp_rt):
+def test_compromise_rotation_says_what_oidc_provider_really_did(project, idp_rt, report):
     """The exchange does not invalidate the old access token here, so the rotation must not claim it did;
     RFC 7009 revocation does, and takes the whole grant with it (the new tokens too), which must be said."""
     daemon = project.start()
@@ -160,11 +163,16 @@ def test_compromise_rotation_says_what_oidc_provider_really_did(project, idp_rt)
         status = json.loads(project.cli("status", "--json").stdout)
         [client] = status["clients"]
         assert "revoked the new token" in client["alert"]
+        report.record("rotate --compromised at oidc-provider (an exchange leaves the old access token active; RFC "
+                      "7009 revocation revokes the whole grant)",
+                      "the exchange is not claimed; the old token is revoked via RFC 7009 and inactive at the "
+                      "provider; the new token, revoked with the grant, is reported (new_token_revoked, exit 1, "
+                      "alert)")
     finally:
         daemon.stop()
 
 
-def test_a_replayed_refresh_token_revokes_the_family_and_tokensmith_stops_with_an_alert(project, idp_rt):
+def test_a_replayed_refresh_token_revokes_the_family_and_tokensmith_stops_with_an_alert(project, idp_rt, report):
     daemon = project.start()
     try:
         daemon.wait_ready()
@@ -190,6 +198,10 @@ def test_a_replayed_refresh_token_revokes_the_family_and_tokensmith_stops_with_a
         with pytest.raises(AssertionError):
             wait_for(lambda: len(idp_events(idp_rt, "grant.error", project)) > errors_before + 1, timeout=1.0)
         assert spent["refresh_token"] not in daemon.log and current["refresh_token"] not in daemon.log
+        report.record("an attacker replays a spent refresh token at oidc-provider",
+                      "the provider revokes the family (the held tokens inactive); tokensmith: one refused exchange, "
+                      "no replay of the seed, a non-retryable error naming the client, an alert in status",
+                      provider_refusals=len(idp_events(idp_rt, "grant.error", project)) - errors_before)
     finally:
         daemon.stop()
 
@@ -207,7 +219,7 @@ def test_rfc7009_revocation_of_a_held_refresh_token_ends_its_family(project, idp
     assert result.returncode == 1 and "invalid_grant" in result.stdout + result.stderr
 
 
-def test_a_spent_seed_is_never_presented_again(project, idp_rt):
+def test_a_spent_seed_is_never_presented_again(project, idp_rt, report):
     """With grant refresh_token the primary grant presents the seed from the source. Once the chain has
     spent it, presenting it again is a replay: oidc-provider would revoke the whole family, the live refresh
     token included. Here the held refresh token is past refresh_token_lifetime, so the keeper turns to the
@@ -233,5 +245,9 @@ def test_a_spent_seed_is_never_presented_again(project, idp_rt):
         again = project.cli("rotate", "rt")
         assert again.returncode == 0, again.stdout + again.stderr
         assert active(idp_rt, project.token("rt")) and held(project)["refresh_token"] != state["refresh_token"]
+        report.record("grant refresh_token: held refresh token past refresh_token_lifetime, the seed in the source "
+                      "already spent (oidc-provider)",
+                      "the seed is not presented again, so the family stays alive; an alert until a new seed is "
+                      "stored, which is then used")
     finally:
         daemon.stop()
