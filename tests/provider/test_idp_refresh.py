@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import secrets
 from urllib.parse import parse_qs, urlsplit
 
@@ -239,6 +238,8 @@ def test_a_spent_seed_is_never_presented_again(project, idp_rt, report):
         status = json.loads(project.cli("status", "--json").stdout)
         [client] = status["clients"]
         assert client["alert"].startswith("spent_refresh_token") and "new refresh token" in client["alert"]
+        metrics = requests.get(f"http://127.0.0.1:{daemon.health_port()}/metrics", timeout=5).text
+        assert 'client="rt",reason="spent_refresh_token"' in metrics
         # the operator's new seed is taken
         write_private(project.root / "creds" / "rt.json", {"client_id": "rt", "client_secret": IDP_SECRET,
                                                            "refresh_token": authorize(idp_rt)["refresh_token"]})
