@@ -162,22 +162,25 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     spent_refresh = outcome.grant == "refresh_token" and outcome.exchanged_refresh_token
     creds = keeper.creds
     can_introspect = bool(_endpoint(keeper, "introspection_url")) and creds is not None
+    exchange_shown = False  # the provider said the old access token is inactive after the exchange
     if outcome.fell_back:
         steps.append({"step": "refresh_exchange", "result": f"rejected ({outcome.fell_back})"})
     elif spent_refresh and old_access:
+        still_active = _active(keeper, old_access, creds) if paired and can_introspect else None
         if not paired:
             steps.append({"step": "refresh_exchange",
                           "result": "ok, but the old access token was not issued with that refresh token"})
-        elif can_introspect and _active(keeper, old_access, creds):
+        elif still_active:
             # not every provider revokes the access token on an exchange (oidc-provider does not)
             steps.append({"step": "refresh_exchange", "result": "ok, but the provider left the old access token "
                                                                 "active"})
         else:
             steps.append({"step": "refresh_exchange", "result": "ok"})
             invalidated.append("refresh_exchange")
+            exchange_shown = still_active is False
 
     if _endpoint(keeper, "revocation_url") and old_access and creds is not None:
-        targets = [] if invalidated and can_introspect else [("access_token", old_access)]
+        targets = [] if exchange_shown else [("access_token", old_access)]
         if old_refresh and not spent_refresh:
             targets.append(("refresh_token", old_refresh))
         for hint, value in targets:
@@ -206,8 +209,8 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
 
     # RFC 7009 lets a provider revoke the whole grant with one of its tokens (oidc-provider does): then
     # the new token, already in the sinks, is dead as well
-    new_revoked = bool(old_access and "revocation" in invalidated and can_introspect
-                       and _active(keeper, new.access_token, creds) is False)
+    revoked = any(step["step"].startswith("revoke_") and step["result"] == "ok" for step in steps)
+    new_revoked = bool(revoked and can_introspect and _active(keeper, new.access_token, creds) is False)
     if new_revoked:
         steps.append({"step": "check_new_token", "result": "inactive: the provider revoked it with the old one"})
         keeper.state.alert = ("compromise rotation: the provider revoked the new token together with the old one "
