@@ -25,7 +25,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_FORBIDDEN = 0, 1, 2, 6,
 EXIT_CHECK_CONFIG, EXIT_NO_CLIENT, EXIT_IN_USE, EXIT_STATE, EXIT_CONFIG = 7, 8, 9, 73, 78
 EXIT_CODES = {
     0: "success",
-    1: "a refresh failed (once: some client has no fresh token; rotate: no new token)",
+    1: "a refresh failed (once: some client has no fresh token; rotate: no new token, or the provider revoked "
+       "the new one with the compromised one)",
     2: "bad usage (unknown option or missing argument)",
     3: "compromise: new token written, but the old one could not be invalidated",
     4: "compromise: verification failed, the old token still works",

@@ -3,9 +3,12 @@ prove it where possible, and leave an audit line. It says honestly what it achie
 
 Invalidation, in order of preference (seeds: exchanging a refresh token revokes the access
 token it came with; obtaining a new token does not):
-  a. exchange the held refresh token;
+  a. exchange the held refresh token; with an introspection endpoint, the old access token must then be
+     inactive for the exchange to count (oidc-provider, for one, leaves it active);
   b. RFC 7009 revocation of the old access token (and of the old refresh token when it was not
-     spent in step a), when a revocation endpoint is configured;
+     spent in step a), when a revocation endpoint is configured, unless introspection showed the
+     exchange had invalidated it. A provider may revoke the whole grant then, the new token with it:
+     with introspection that is checked and reported (new_token_revoked, exit 1);
   c. neither: the old token stays valid until it expires; exit EXIT_UNREVOKED unless accepted.
 """
 
@@ -157,19 +160,27 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     invalidated = []
 
     spent_refresh = outcome.grant == "refresh_token" and outcome.exchanged_refresh_token
+    creds = keeper.creds
+    can_introspect = bool(_endpoint(keeper, "introspection_url")) and creds is not None
+    exchange_shown = False  # the provider said the old access token is inactive after the exchange
     if outcome.fell_back:
         steps.append({"step": "refresh_exchange", "result": f"rejected ({outcome.fell_back})"})
     elif spent_refresh and old_access:
-        if paired:
-            steps.append({"step": "refresh_exchange", "result": "ok"})
-            invalidated.append("refresh_exchange")
-        else:
+        still_active = _active(keeper, old_access, creds) if paired and can_introspect else None
+        if not paired:
             steps.append({"step": "refresh_exchange",
                           "result": "ok, but the old access token was not issued with that refresh token"})
+        elif still_active:
+            # not every provider revokes the access token on an exchange (oidc-provider does not)
+            steps.append({"step": "refresh_exchange", "result": "ok, but the provider left the old access token "
+                                                                "active"})
+        else:
+            steps.append({"step": "refresh_exchange", "result": "ok"})
+            invalidated.append("refresh_exchange")
+            exchange_shown = still_active is False
 
-    creds = keeper.creds
     if _endpoint(keeper, "revocation_url") and old_access and creds is not None:
-        targets = [("access_token", old_access)]
+        targets = [] if exchange_shown else [("access_token", old_access)]
         if old_refresh and not spent_refresh:
             targets.append(("refresh_token", old_refresh))
         for hint, value in targets:
@@ -196,11 +207,24 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
         if result["verification"] in ("unverified", "verified") or by_resource != "verified":
             result["verification"] = by_resource
 
+    # RFC 7009 lets a provider revoke the whole grant with one of its tokens (oidc-provider does): then
+    # the new token, already in the sinks, is dead as well
+    revoked = any(step["step"].startswith("revoke_") and step["result"] == "ok" for step in steps)
+    new_revoked = bool(revoked and can_introspect and _active(keeper, new.access_token, creds) is False)
+    if new_revoked:
+        steps.append({"step": "check_new_token", "result": "inactive: the provider revoked it with the old one"})
+        keeper.state.alert = ("compromise rotation: the provider revoked the new token together with the old one "
+                              "(the whole grant); new credentials or a new refresh token are needed")
+
     if old_access:
         result["purged"] = purge_history(keeper, old_access)
 
     if not old_access:
         result.update(result="no_old_token", message="there was no token to invalidate; a new one was written")
+    elif new_revoked:
+        result.update(result="new_token_revoked", exit_code=EXIT_FAILED,
+                      message=f"old token invalidated by {result['invalidation']}, but the provider revoked the new "
+                              "token with it (the whole grant): new credentials or a new refresh token are needed")
     elif result["verification"].startswith(("failed", "error")):
         result.update(result="verification_failed", exit_code=EXIT_VERIFY_FAILED,
                       message="the old token could not be shown to be invalid")
@@ -219,6 +243,14 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     if any(not hook["ok"] for hook in outcome.hooks):
         result["message"] += "; a consumer hook failed"
     return result
+
+
+def _active(keeper, token: str, creds) -> bool | None:
+    """RFC 7662 for one token; None when the provider gave no answer."""
+    try:
+        return keeper.token_client.introspect(token, creds)
+    except TokensmithError:
+        return None
 
 
 def purge_history(keeper, old_access: str) -> dict:

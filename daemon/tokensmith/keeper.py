@@ -264,9 +264,23 @@ class Keeper:
         self._before_request()
         self.metrics.refresh_attempt(self.name, grant)
         bootstrap = creds.refresh_token if grant == "refresh_token" else None
-        token = self.token_client.obtain(grant, creds, refresh_token=bootstrap)
+        if bootstrap and fingerprint(bootstrap) == self.state.spent_seed:
+            # a second use is a replay: providers that detect reuse (oidc-provider) revoke the whole family,
+            # the live refresh token included
+            refused = f"the held refresh token was refused ({outcome.fell_back}) and " if outcome.fell_back else ""
+            raise TokenEndpointError(f"{refused}the refresh token in the source was already spent; not presenting "
+                                     "it again", client=self.name, retryable=self.state_unsaved,
+                                     error="spent_refresh_token")
+        try:
+            token = self.token_client.obtain(grant, creds, refresh_token=bootstrap)
+        except TokenEndpointError as exc:
+            if bootstrap and exc.error == "invalid_grant":
+                self.state.spent_seed = fingerprint(bootstrap)
+            raise
         if grant == "refresh_token":
             outcome.exchanged_refresh_token = True
+            if bootstrap:
+                self.state.spent_seed = fingerprint(bootstrap)  # saved with the new token by _commit
         return token
 
     def _before_request(self) -> None:
@@ -330,7 +344,7 @@ class Keeper:
             refresh_token=token.refresh_token or (state.refresh_token if outcome.grant == "refresh_token" else None),
             refresh_token_obtained_at=token.obtained_at if token.refresh_token else state.refresh_token_obtained_at,
             client_id=self.creds.client_id if self.creds else state.client_id,
-            sinks_written={}, last_refresh=self.clock(), last_grant=outcome.grant)
+            sinks_written={}, last_refresh=self.clock(), last_grant=outcome.grant, spent_seed=state.spent_seed)
         try:
             self.store.save(self.name, new)  # the new refresh token is durable before anything uses it
             self.state_unsaved = False
@@ -384,6 +398,15 @@ class Keeper:
             else:
                 self.state.alert = (f"invalid_client: the provider rejected the client's {method} authentication "
                                     f"({exc.message[:160]}); check the key, certificate or assertion in the source")
+        elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_grant" and self.client.grant == "refresh_token":
+            # the seed is dead too (spent, expired, or its family revoked after a reuse): only an operator can help
+            level = logging.CRITICAL
+            self.state.alert = ("invalid_grant: the provider refused the refresh token (spent, expired or revoked; a "
+                                "reused one makes some providers revoke its whole family); put a new refresh token "
+                                "in the source")
+        elif isinstance(exc, TokenEndpointError) and exc.error == "spent_refresh_token" and not exc.retryable:
+            level = logging.CRITICAL
+            self.state.alert = f"spent_refresh_token: {exc.message}; put a new refresh token in the source"
         elif isinstance(exc, TokenEndpointError) and exc.error == "invalid_client_material":
             level = logging.CRITICAL
             self.state.alert = f"invalid_client_material: {exc.message[:200]}"

@@ -47,7 +47,7 @@ KNOWN_REASONS = frozenset({
     "invalid_target", "invalid_dpop_proof", "use_dpop_nonce", "interaction_required", "login_required",
     "consent_required",
     "timeout", "unreachable", "transport", "malformed_response", "oversized_response", "tls",
-    "proxy", "discovery", "invalid_client_material",
+    "proxy", "discovery", "invalid_client_material", "spent_refresh_token",
 })
 _HTTP_REASON = re.compile(r"http_[1-5][0-9][0-9]")
 _UNSAFE = re.compile(r"[^a-z0-9_]+")

@@ -1,7 +1,11 @@
 // A real third-party authorization server on loopback for tokensmith's provider tests.
 //   node server.mjs CONFIG.json
 // CONFIG: {"port": 0, "host": "127.0.0.1", "clients": [oidc-provider client metadata, ...],
-//          "tls": {"cert": PEM, "key": PEM, "ca": PEM}}   (tls optional: https, asking for client certificates)
+//          "tls": {"cert": PEM, "key": PEM, "ca": PEM},   (optional: https, asking for client certificates)
+//          "auto_login": "ACCOUNT", "ttl": {"AccessToken": seconds, ...}}
+// auto_login (test only, loopback only): every interaction of the authorization-code flow is completed at
+// once as ACCOUNT, consenting to the scopes asked for, so a test can obtain a refresh token without a
+// browser. Refresh tokens are rotated on every use (rotateRefreshToken), as for public clients by default.
 // Prints one line of JSON {"issuer": ...} on stdout once listening. Clients come from the config so other
 // test suites can share this server with their own clients.
 import { X509Certificate } from 'node:crypto';
@@ -44,12 +48,40 @@ server.listen(config.port || 0, host, () => {
     },
     clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'client_secret_jwt', 'private_key_jwt',
       ...(tls ? ['tls_client_auth'] : []), 'none'],
+    ...(config.ttl ? { ttl: config.ttl } : {}),
+    ...(config.auto_login ? { rotateRefreshToken: true } : {}),
     // client assertions must be fresh: at most a minute old, never reused (the default replay check)
     clockTolerance: 0,
   });
   provider.on('server_error', (ctx, err) => console.error('server_error', err));
-  provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_description || ''));
-  server.on('request', provider.callback());
+  provider.on('grant.error', (ctx, err) => console.error('grant.error', err.message, err.error_description || '', err.error_detail || ''));
+  provider.on('grant.success', (ctx) => console.error('grant.success', ctx.oidc.params.grant_type));
+  provider.on('grant.revoked', () => console.error('grant.revoked'));
+  const callback = provider.callback();
+  server.on('request', config.auto_login ? (req, res) => {
+    if (req.url.startsWith('/interaction/')) {
+      autoInteraction(provider, config.auto_login, req, res).catch((err) => {
+        console.error('interaction', err);
+        res.statusCode = 500;
+        res.end();
+      });
+    } else {
+      callback(req, res);
+    }
+  } : callback);
   console.log(JSON.stringify({ issuer }));
 });
+async function autoInteraction(provider, accountId, req, res) {
+  const { prompt, params, session, grantId } = await provider.interactionDetails(req, res);
+  if (prompt.name === 'login') {
+    await provider.interactionFinished(req, res, { login: { accountId } }, { mergeWithLastSubmission: false });
+    return;
+  }
+  const grant = grantId ? await provider.Grant.find(grantId)
+    : new provider.Grant({ accountId: session.accountId, clientId: params.client_id });
+  grant.addOIDCScope(params.scope);
+  await provider.interactionFinished(req, res, { consent: { grantId: await grant.save() } },
+    { mergeWithLastSubmission: true });
+}
+
 process.on('SIGTERM', () => server.close(() => process.exit(0)));

@@ -106,13 +106,13 @@ IDP_DIR = Path(__file__).parent.parent / "idp"
 class Idp:
     """panva's oidc-provider (tests/idp/server.mjs) with the given clients, on a free loopback port."""
 
-    def __init__(self, directory: Path, clients: list[dict], tls: dict | None = None):
+    def __init__(self, directory: Path, clients: list[dict], tls: dict | None = None, **settings):
         import json
 
         if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
             raise RuntimeError("tests/idp/node_modules is missing; scripts/test runs npm ci there")
         config = directory / "idp.json"
-        config.write_text(json.dumps({"clients": clients, **({"tls": tls} if tls else {})}))
+        config.write_text(json.dumps({"clients": clients, **({"tls": tls} if tls else {}), **settings}))
         self.stderr = directory / "idp.stderr"
         self.process = subprocess.Popen(["node", str(IDP_DIR / "server.mjs"), str(config)], stdout=subprocess.PIPE,
                                         stderr=self.stderr.open("wb"), text=True)

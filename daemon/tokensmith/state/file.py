@@ -38,6 +38,7 @@ class ClientState:
     last_error: str | None = None
     last_error_at: float = 0.0
     alert: str | None = None
+    spent_seed: str | None = None  # fingerprint of the source's refresh token once presented (grant refresh_token)
 
     @property
     def token(self) -> Token | None:
@@ -55,7 +56,7 @@ _TYPES = {"access_token": (str, type(None)), "token_type": (str,), "obtained_at"
           "expires_at": (int, float), "refresh_token": (str, type(None)), "refresh_token_obtained_at": (int, float),
           "client_id": (str, type(None)), "sinks_written": (dict,), "last_refresh": (int, float),
           "last_grant": (str, type(None)), "last_error": (str, type(None)), "last_error_at": (int, float),
-          "alert": (str, type(None))}
+          "alert": (str, type(None)), "spent_seed": (str, type(None))}
 
 
 def check_types(state: ClientState) -> None:
