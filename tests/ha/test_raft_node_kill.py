@@ -308,3 +308,42 @@ def test_killing_the_active_openbao_node_under_running_replicas(tmp_path, raft_c
         health.stop()
         for balancer in balancers:
             balancer.close()
+
+
+def test_a_leader_spends_no_refresh_token_while_its_lease_renewals_fail(vault_kv):
+    """Seen in the test above with a lease shorter than the election: the leader went on exchanging
+    refresh tokens after its renewals had begun to fail (its lease still had seconds left, and standbys
+    answer reads during an election), could not store the answers, lost the lease, and the new leader
+    presented the spent refresh tokens. While the latest renewal failed, no exchange is started."""
+    from tokensmith.config import VaultConfig
+    from tokensmith.leadership import Leadership
+    from tokensmith.leases import LeaseError
+    from tokensmith.leases.vault import VaultLease
+    from tokensmith.vault import VaultClient
+
+    from fakes import FakeClock
+    from fixtures_stores import free_port
+
+    def client(**extra):
+        return VaultClient(VaultConfig(**vault_kv.vault_config(timeout=1, **extra)))
+
+    lease = VaultLease(client(), "secret", vault_kv.prefix)
+    settings = SimpleNamespace(leader=SimpleNamespace(name="a", renew_every=0.2, lease_ttl=10.0))
+    leadership = Leadership(lease, settings, on_elected=lambda epoch: None, on_deposed=lambda: None,
+                            clock=FakeClock(now=50.0))  # the lease never runs out: only the store fails
+    leadership.start()
+    try:
+        wait_for(lambda: leadership.active, 10)
+        leadership.before_request(1.0)
+        store = lease.vault
+        lease.vault = client(address=f"http://127.0.0.1:{free_port()}")  # the store stops answering
+        wait_for(lambda: not leadership.store_reachable, 10)
+        assert leadership.elector.remaining() > 5  # a lease with time to spare, as after a Raft node loss
+        with pytest.raises(LeaseError, match="did not answer the last lease renewal"):
+            leadership.before_request(1.0)
+        leadership.fence()  # an answer already in hand may still be stored when the store is back
+        lease.vault = store
+        wait_for(lambda: leadership.store_reachable, 10)
+        leadership.before_request(1.0)
+    finally:
+        leadership.stop()
