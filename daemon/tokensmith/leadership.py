@@ -37,6 +37,7 @@ class Leadership:
         self.metrics = metrics
         self.active = False  # True between on_elected and on_deposed
         self.store_reachable = False
+        self.renew_failing = False  # the latest lease round failed: the store may not take a state write now
         self._transition = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -56,13 +57,18 @@ class Leadership:
             raise FencedError("not the leader: a standby does not refresh")
         self.elector.check(0.0, "refresh")
         left = self.elector.remaining()
-        if left < deadline + self.margin:
+        if left < deadline + self.margin or self.renew_failing:
             with self._renewed:  # ask the loop to renew now, and wait for that round
                 seen = self._rounds
                 self._wake.set()
                 self._renewed.wait_for(lambda: self._rounds != seen, timeout=self.renew_every)
             self.elector.check(0.0, "refresh")
             left = self.elector.remaining()
+        if self.renew_failing:
+            # an answer that cannot be stored is lost if the lease lapses first: the next leader
+            # would present the spent refresh token (a Raft election, a store outage)
+            raise LeaseError("the state store did not answer the last lease renewal; no refresh token is "
+                             "spent until it does")
         if left < deadline + self.margin:
             raise LeaseError(f"leader lease has {left:.1f}s left, less than the request deadline "
                              f"{deadline:.1f}s plus {self.margin:.1f}s margin; waiting for its renewal")
@@ -100,6 +106,7 @@ class Leadership:
             try:
                 leading = self.elector.step()
                 self.store_reachable = True
+                self.renew_failing = False
                 if self.metrics is not None:
                     self.metrics.state_store("lease", time.monotonic() - started, True)
             except LeaseError as exc:
@@ -107,6 +114,7 @@ class Leadership:
                     self.metrics.state_store("lease", time.monotonic() - started, False)
                 leading = self.elector.held is not None
                 self.store_reachable = False
+                self.renew_failing = True
                 delay = max(self.renew_every / 4, 0.1)
                 if self.metrics is not None and self.active:
                     self.metrics.lease_renew_failure()

@@ -100,6 +100,7 @@ class Elector:
         self.observed_at = 0.0
         self.fresh = True  # has not held the lease in this process: its own name on the record is an earlier run
         self.term = 0  # bumped at every acquisition: one uninterrupted holding of the lease
+        self.unacknowledged: list[float] = []  # renewals (renewed_at) that failed in flight: one may be stored
 
     # ---- asked by the keepers and the state backend (no I/O)
 
@@ -150,17 +151,34 @@ class Elector:
         try:
             self.held = self.lease.write(record, held.version)
         except LeaseLost:
+            if self._adopt_own_write(held):
+                return self._renew()  # once: the adopted version is the check-and-set base now
             log.warning("leader lease lost: another replica wrote it (epoch %d)", held.epoch,
                         extra={"event": "lease_lost"})
             self._drop()
             return False
         except LeaseError:
+            self.unacknowledged.append(record.renewed_at)
             if self.clock() >= self.valid_until:
                 log.error("leader lease could not be renewed before it lapsed (epoch %d)", held.epoch,
                           extra={"event": "lease_lapsed"})
                 self._drop()
             raise
+        self.unacknowledged = []
         self.valid_until = sent + self.ttl - self.margin
+        return True
+
+    def _adopt_own_write(self, held: LeaseRecord) -> bool:
+        """A renewal whose answer was lost (a timeout, a store failover in flight) but which was stored
+        makes the next one conflict with itself: that is this holder's record, not a takeover."""
+        if not self.unacknowledged:
+            return False
+        current = self.lease.read()  # a LeaseError here: the next round asks again
+        tried, self.unacknowledged = self.unacknowledged, []
+        if current is None or (current.holder, current.epoch, current.version) != \
+                (self.identity, held.epoch, held.version + 1) or current.renewed_at not in tried:
+            return False
+        self.held = current
         return True
 
     def _campaign(self) -> bool:
@@ -195,6 +213,7 @@ class Elector:
 
     def _drop(self) -> None:
         self.held = None
+        self.unacknowledged = []
         self.valid_until = 0.0
         self.observed = None
 
