@@ -179,3 +179,26 @@ def test_a_record_an_operator_removed_under_a_skipping_leader_is_created_again(s
     a.store.save("billing", state(3))  # its version is gone: stored again as a new record
     assert a.store.versions["billing"] == 1
     assert b.store.load("billing") == state(3)
+
+
+def test_a_write_whose_answer_was_lost_is_read_before_the_next_one(replicas):
+    """A write can commit while its answer is lost (a timeout): the next refresh must read the
+    record first, or its own next write would meet a version it never saw and be refused."""
+    from tokensmith.errors import StateError
+
+    a, _ = replicas
+    assert a.step()
+    a.store.save("billing", state(1))
+    write = a.store._write
+
+    def committed_unanswered(client, record, cas):
+        write(client, record, cas)
+        raise StateError("state store: no answer within 5s", client=client, retryable=True)
+
+    a.store._write = committed_unanswered
+    with pytest.raises(StateError, match="no answer"):
+        a.store.save("billing", state(2))
+    a.store._write = write
+    assert a.reads_for(lambda: a.store.load_if_changed("billing")) == (state(2), 1)
+    a.store.save("billing", state(3))  # on the version that write made
+    assert a.store.load("billing") == state(3)

@@ -172,9 +172,9 @@ class SharedStateStore:
         tenure = self.tenure() if self.tenure is not None else None  # before the write: see load_if_changed
         cas = self.versions.get(client, 0)
         record = {**encode(state, self.epoch), "writer": self.writer}
+        self.written.pop(client, None)  # until this write is known to be stored: it may commit unanswered
         version = self._write(client, record, cas)
         if version is None:
-            self.written.pop(client, None)
             current, now = self._read(client)
             if now == cas + 1 and self._is_own_write(current, state):
                 # this write committed but its acknowledgement was lost (a failover or a timeout in
@@ -188,9 +188,7 @@ class SharedStateStore:
                 raise StaleStateError(f"another writer moved client {client} on (version {now}, this replica "
                                       f"last saw version {cas}); nothing was written", client=client)
         self.versions[client] = version
-        if tenure is None:
-            self.written.pop(client, None)
-        else:
+        if tenure is not None:
             self.written[client] = tenure
 
     def _is_own_write(self, record: dict | None, state: ClientState) -> bool:
