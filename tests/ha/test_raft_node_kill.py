@@ -2,7 +2,7 @@
 
 Three real `tokensmith run` replicas share one `state: {type: vault}` backend (state, leader lease
 and Vault KV sinks) on a real 3-node OpenBao Raft cluster, against the stateful token server
-(rotating single-use refresh tokens, reuse detection), with 20 s tokens refreshed at half-life.
+(rotating single-use refresh tokens, reuse detection), with 30 s tokens refreshed at 30 %.
 
 The deployment modelled: tokensmith's `vault.address` is one URL, and a Vault cluster is reached
 through a load balancer (or DNS with health checks) in front of every node. Here each replica has
@@ -11,6 +11,7 @@ node is healthy (`/v1/sys/health?standbyok=true`, as HAProxy's httpchk does) and
 healthy node otherwise. So the three replicas read and write through three different nodes — two of
 them standbys, which answer reads from their own copy unless the request's X-Vault-Index asks them
 to forward — and the leader's balancer points at the active node, the one that is SIGKILLed.
+(The alternative rig, a replica whose only node died staying a standby, is not how Vault is run.)
 
 A consumer samples every sink continuously through the two nodes that survive, asking the token
 server whether each token is still active. Figures: `pytest tests/ha/test_raft_node_kill.py -s`."""
