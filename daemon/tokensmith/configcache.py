@@ -229,7 +229,7 @@ def load(config_path=None, environ=None):
     try:
         if _read_bytes(config_path) != content:
             return view, outcome + "; not cached: the file changed while it was read"
-        operators = operator_names(config_path, environ)
+        operators = operator_names(config_path, environ) if settings.control_operators else {}
         return view, outcome + "; " + write(entry, key, settings, operators, environ)
     except Exception as exc:  # the cache is an optimisation: failing to keep it changes nothing else
         reason = str(exc) if isinstance(exc, Unusable) else getattr(exc, "strerror", None) or type(exc).__name__
