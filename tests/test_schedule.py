@@ -105,3 +105,13 @@ def test_jobs_due_within_a_tick_share_a_pass_and_run_at_most_a_tick_late(schedul
         assert runs[name] >= when
     late = sorted(runs[name] - due[name] for name in due)
     assert late[len(late) // 2] <= scheduler.tick + 0.1  # median lateness: a tick and thread hand-offs
+
+
+def test_a_run_that_raises_is_retried_later_not_parked(scheduler, caplog):
+    def job():
+        raise RuntimeError("a bug")
+
+    scheduler.add_job(job, UntilMoved(), id="a", next_run_time=utc(time.time()))
+    wait_for(lambda: scheduler.get_job("a").next_run_time != PARKED
+             and scheduler.get_job("a").next_run_time.timestamp() > time.time() + 30)
+    assert "retrying in 60s" in caplog.text

@@ -616,10 +616,14 @@ def read_config_data(path: Path | None, environ: dict[str, str] | None = None, o
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}") from None
-        data = _compacted(data)
+        if len(text) > COMPACT_ABOVE:
+            data = _compacted(data)
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     return apply_env_overrides(data, environ, origins)
+
+
+COMPACT_ABOVE = 64 * 1024  # bytes of config text (about 150 clients): below, the gain is not worth a gc pass
 
 
 def _compacted(data: Any) -> Any:
