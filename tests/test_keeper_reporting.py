@@ -323,3 +323,33 @@ def test_a_token_kept_from_state_at_start_up_is_scheduled_on_the_routine_spread(
         dues.append((keeper.next_due() - obtained) / 600)
     assert all(0.65 - 1e-9 <= due <= 0.85 + 1e-9 for due in dues), dues
     assert max(dues) - min(dues) > 0.05
+
+
+def test_the_refresh_token_fallback_lines_name_the_client(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 1000})
+    keeper.refresh(reason="test")
+    keeper.store = store = FullDisk(tmp_path / "state")
+    keeper.state_unsaved = True
+    store.saves = 0
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        assert keeper.refresh(reason="test", exchange=True).grant == "password"  # not spent while unsaved
+        store.saves = None
+        clock.advance(1000)
+        assert keeper.refresh(reason="test", exchange=True).grant == "password"  # aged
+    unsaved = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"]
+    aged = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_aged"]
+    assert unsaved and all(r.client == "c1" for r in unsaved)
+    assert unsaved[0].getMessage() == ("state still cannot be saved: not spending an unsaved refresh token; using "
+                                       "the password grant")
+    assert [r.client for r in aged] == ["c1"]
+
+
+def test_invalid_client_on_an_exchange_drops_the_refresh_token_even_from_a_5xx_answer(server, clock, tmp_path):
+    """Some providers answer a refresh token bound to a rotated client secret with invalid_client and
+    HTTP 500: the refresh token is dead either way, so it is dropped and the primary grant used."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    server.fail_next(status=500, body='{"error": "invalid_client"}')
+    outcome = keeper.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.fell_back == "invalid_client" and outcome.grant == "password"
+    assert keeper.token_client.grants[-2:] == ["refresh_token", "password"]
