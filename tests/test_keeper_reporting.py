@@ -344,12 +344,36 @@ def test_the_refresh_token_fallback_lines_name_the_client(server, clock, tmp_pat
     assert [r.client for r in aged] == ["c1"]
 
 
-def test_invalid_client_on_an_exchange_drops_the_refresh_token_even_from_a_5xx_answer(server, clock, tmp_path):
+def test_invalid_client_on_an_exchange_drops_the_refresh_token_even_from_a_5xx_answer(server, clock, tmp_path, caplog):
     """Some providers answer a refresh token bound to a rotated client secret with invalid_client and
     HTTP 500: the refresh token is dead either way, so it is dropped and the primary grant used."""
     keeper = make_keeper(server, clock, tmp_path)
     keeper.refresh(reason="test")
     server.fail_next(status=500, body='{"error": "invalid_client"}')
-    outcome = keeper.refresh(reason="test", exchange=True)
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test", exchange=True)
     assert outcome.ok and outcome.fell_back == "invalid_client" and outcome.grant == "password"
     assert keeper.token_client.grants[-2:] == ["refresh_token", "password"]
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_rejected"]
+    assert line.getMessage() == "refresh token rejected (invalid_client); falling back to the password grant"
+    assert line.client == "c1" and line.levelno == logging.WARNING
+
+
+def test_a_refusal_without_an_oauth_code_is_reported_by_its_http_status(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    server.fail_next(status=400, body="{}")
+    outcome = keeper.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.fell_back == "http_400" and outcome.grant == "password"
+
+
+def test_a_refused_refresh_token_is_forgotten_on_disk_even_when_the_fallback_fails(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    keeper.token_client.errors = [
+        TokenEndpointError("refresh token refused", error="invalid_grant", retryable=False),
+        TokenEndpointError("provider down", error="temporarily_unavailable", retryable=True)]
+    assert not keeper.refresh(reason="test", exchange=True).ok
+    on_disk = StateStore(tmp_path / "state").load("c1")
+    assert on_disk.refresh_token is None and on_disk.access_token == keeper.state.access_token
+    assert sorted(path.name for path in (tmp_path / "state").glob("*.json")) == ["c1.json"]
