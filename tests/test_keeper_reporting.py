@@ -199,9 +199,10 @@ class Leader:
     def __init__(self):
         self.lost = False
         self.fenced_with = []
+        self.deadlines = []
 
     def before_request(self, deadline):
-        pass
+        self.deadlines.append(deadline)
 
     def fence(self):
         if self.lost:
@@ -229,6 +230,7 @@ def test_a_leader_deposed_after_the_exchange_writes_no_sink(server, clock, tmp_p
         outcome = keeper.refresh(reason="test", reload_credentials=True)
     assert isinstance(outcome.error, FencedError) and outcome.sinks == {}
     assert len(sink.tokens) == 1 and leader.fenced_with == ["lease lost to replica b"]
+    assert leader.deadlines == [keeper.client.timeout] * 2  # the lease must outlast each token request
     [line] = [r for r in caplog.records if getattr(r, "event", None) == "fenced"]
     assert line.getMessage() == "refresh stopped: lease lost to replica b" and line.client == "c1"
 
@@ -279,3 +281,99 @@ def test_a_token_obtained_the_instant_the_old_one_expired_is_spread_as_a_catch_u
         dues.append((keeper.next_due() - clock()) / 600)
     assert all(0.375 <= due <= 0.85 for due in dues)
     assert min(dues) < 0.6, "an expired token's successor must be spread from the early catch-up point"
+
+
+class FullDisk(StateStore):
+    """The file store on a disk that fills up after `saves` more successful saves."""
+
+    saves = None
+
+    def save(self, client, state, *, sync_dir=True):
+        if self.saves is not None:
+            if self.saves == 0:
+                raise StateError(f"cannot write state file {self._file(client)}: No space left on device",
+                                 client=client)
+            self.saves -= 1
+        super().save(client, state, sync_dir=sync_dir)
+
+
+def test_a_sink_record_that_cannot_be_saved_is_logged_for_the_client(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)  # a memory sink cannot tell which token it holds
+    keeper.store = store = FullDisk(tmp_path / "state")
+    store.saves = 1  # the new token is saved; the record of which sinks hold it is not
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test")
+    assert outcome.ok and keeper.sinks[0].current.access_token == keeper.state.access_token
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"]
+    assert line.levelno == logging.ERROR and line.client == "c1"
+    assert line.getMessage() == f"cannot write state file {tmp_path / 'state' / 'c1.json'}: No space left on device"
+
+
+def test_a_token_kept_from_state_at_start_up_is_scheduled_on_the_routine_spread(server, clock, tmp_path):
+    """Only a token obtained while catching up is spread from the early point; one still valid at a
+    restart keeps the routine at_fraction +- jitter schedule."""
+    first = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.75, "jitter": 0.1, "min_lead": 0})
+    first.refresh(reason="test")
+    obtained = first.state.obtained_at
+    dues = []
+    for seed in range(16):
+        keeper = make_keeper(server, clock, tmp_path, refresh={"at_fraction": 0.75, "jitter": 0.1, "min_lead": 0})
+        keeper.rng = random.Random(seed)
+        keeper.load()
+        dues.append((keeper.next_due() - obtained) / 600)
+    assert all(0.65 - 1e-9 <= due <= 0.85 + 1e-9 for due in dues), dues
+    assert max(dues) - min(dues) > 0.05
+
+
+def test_the_refresh_token_fallback_lines_name_the_client(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"refresh_token_lifetime": 1000})
+    keeper.refresh(reason="test")
+    keeper.store = store = FullDisk(tmp_path / "state")
+    keeper.state_unsaved = True
+    store.saves = 0
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        assert keeper.refresh(reason="test", exchange=True).grant == "password"  # not spent while unsaved
+        store.saves = None
+        clock.advance(1000)
+        assert keeper.refresh(reason="test", exchange=True).grant == "password"  # aged
+    unsaved = [r for r in caplog.records if getattr(r, "event", None) == "state_write_failed"]
+    aged = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_aged"]
+    assert unsaved and all(r.client == "c1" for r in unsaved)
+    assert unsaved[0].getMessage() == ("state still cannot be saved: not spending an unsaved refresh token; using "
+                                       "the password grant")
+    assert [r.client for r in aged] == ["c1"]
+
+
+def test_invalid_client_on_an_exchange_drops_the_refresh_token_even_from_a_5xx_answer(server, clock, tmp_path, caplog):
+    """Some providers answer a refresh token bound to a rotated client secret with invalid_client and
+    HTTP 500: the refresh token is dead either way, so it is dropped and the primary grant used."""
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    server.fail_next(status=500, body='{"error": "invalid_client"}')
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.fell_back == "invalid_client" and outcome.grant == "password"
+    assert keeper.token_client.grants[-2:] == ["refresh_token", "password"]
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refresh_token_rejected"]
+    assert line.getMessage() == "refresh token rejected (invalid_client); falling back to the password grant"
+    assert line.client == "c1" and line.levelno == logging.WARNING
+
+
+def test_a_refusal_without_an_oauth_code_is_reported_by_its_http_status(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    server.fail_next(status=400, body="{}")
+    outcome = keeper.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.fell_back == "http_400" and outcome.grant == "password"
+
+
+def test_a_refused_refresh_token_is_forgotten_on_disk_even_when_the_fallback_fails(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.refresh(reason="test")
+    keeper.token_client.errors = [
+        TokenEndpointError("refresh token refused", error="invalid_grant", retryable=False),
+        TokenEndpointError("provider down", error="temporarily_unavailable", retryable=True)]
+    assert not keeper.refresh(reason="test", exchange=True).ok
+    on_disk = StateStore(tmp_path / "state").load("c1")
+    assert on_disk.refresh_token is None and on_disk.access_token == keeper.state.access_token
+    assert sorted(path.name for path in (tmp_path / "state").glob("*.json")) == ["c1.json"]

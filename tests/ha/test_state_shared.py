@@ -304,11 +304,11 @@ def test_an_unreadable_state_file_is_not_imported(tmp_path, records, caplog):
 def test_load_all_returns_every_readable_client_and_skips_damaged_ones(tmp_path, records):
     writer = store(tmp_path, records)
     writer.save("a", state(1))
-    writer.save("b", state(2))
-    records.items["c"] = ({"state": "{damaged"}, 4)
+    writer.save("c", state(2))
+    records.items["b"] = ({"state": "{damaged"}, 4)
     reader = store(tmp_path, records, "b")
-    assert reader.load_all() == {"a": state(1), "b": state(2)}
-    assert reader.versions == {"a": 1, "b": 1, "c": 4}
+    assert reader.load_all() == {"a": state(1), "c": state(2)}
+    assert reader.versions == {"a": 1, "b": 4, "c": 1}
 
 
 def test_load_all_gives_up_when_the_store_fails_rather_than_return_part(tmp_path, records):
@@ -387,3 +387,20 @@ def test_the_subclass_hooks_must_be_provided(tmp_path):
                  lambda: bare._put_audit("k", {}), bare.check):
         with pytest.raises(NotImplementedError):
             call()
+
+
+def test_audit_keys_are_stamped_in_utc_whatever_the_local_zone(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # UTC+05:30: no hour of it matches UTC's
+    time.tzset()
+    try:
+        for _ in range(3):
+            before = time.strftime("%Y%m%dT%H%M", time.gmtime())
+            key = audit_key({"client": "billing"})
+            if time.strftime("%Y%m%dT%H%M", time.gmtime()) == before:
+                break
+        assert key[:13] == before
+    finally:
+        monkeypatch.undo()
+        time.tzset()
