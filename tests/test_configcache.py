@@ -16,6 +16,7 @@ import yaml
 import tokensmith
 from tokensmith import config as config_module, configcache
 from tokensmith.config import load_settings
+from tokensmith.configcache import as_view
 from tokensmith.configview import Secret, View
 from tokensmith.errors import ConfigError
 
@@ -144,6 +145,14 @@ def test_a_cache_hit_gives_every_field_of_a_maximal_config_as_the_models_do(tmp_
     assert dump(view) == dump(model) == dump(first)
     assert behaviour(view) == behaviour(model)
     assert view == model and model == view and view == first
+    # what runtime code does with a model beyond its fields: dict(), remaking it, model_copy
+    assert [dict(part) for part in (view.vault, view.state)] == [dict(as_view(part)) for part in (model.vault,
+                                                                                                 model.state)]
+    remade = type(view.vault)(**{**dict(view.vault), "timeout": 1.5})
+    expected = type(model.vault)(**{**dict(model.vault), "timeout": 1.5})
+    assert dump(remade) == dump(expected) and remade.auth is view.vault.auth
+    some = view.model_copy(update={"clients": [view.clients[2]]})
+    assert dump(some) == dump(model.model_copy(update={"clients": [model.clients[2]]}))
     assert INLINE_SECRET not in repr(view) and INLINE_SECRET not in str(view)
     if auth in ("approle", "token"):
         assert "**********" in repr(view.vault.auth)
@@ -253,6 +262,7 @@ CORRUPTIONS = {
     "unknown tag": lambda data: data.partition(b"\n")[0] + b'\n{"x": 1}',
     "unknown model": lambda data: data.replace(b'"@":"Settings"', b'"@":"Nope"'),
     "field list of another length": lambda data: data.replace(b'"v":[', b'"v":[1,', 1),
+    "a value changed": lambda data: data.replace(b'/a.token"', b'/b.token"'),
 }
 
 
@@ -261,7 +271,9 @@ def test_a_corrupt_entry_is_never_trusted_nor_fatal_and_is_rewritten(tmp_path, e
     path = write_config(tmp_path, simple(tmp_path))
     expected = configcache.load(path, env)[0]
     cached = entry(path, env)
-    cached.write_bytes(CORRUPTIONS[corruption](cached.read_bytes()))
+    damaged = CORRUPTIONS[corruption](cached.read_bytes())
+    assert damaged != cached.read_bytes()
+    cached.write_bytes(damaged)
     settings, outcome = configcache.load(path, env)
     assert "miss" in outcome and settings == expected
     assert "hit" in configcache.load(path, env)[1]

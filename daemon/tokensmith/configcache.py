@@ -151,8 +151,8 @@ def write(entry: Path, key: str, settings, operators: dict[str, int], environ) -
         return "not cached: a secret comes from a TOKENSMITH_* variable"
     schema: dict = {}
     body = json.dumps(encode(settings, schema), separators=(",", ":"))
-    header = json.dumps({"format": FORMAT, "key": key, "schema": schema, "operators": operators},
-                        separators=(",", ":"))
+    header = json.dumps({"format": FORMAT, "key": key, "schema": schema, "operators": operators,
+                         "body": hashlib.sha256(body.encode("ascii")).hexdigest()}, separators=(",", ":"))
     make_dirs(entry.parent, 0o700)
     check_directory(entry.parent)
     atomic_write(entry, (header + "\n" + body).encode("ascii"), mode=0o600, sync_dir=False)
@@ -182,6 +182,8 @@ def read(entry: Path, key: str):
     meta = json.loads(header)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("key") != key:
         raise Unusable("the config, its environment or tokensmith changed")
+    if meta.get("body") != hashlib.sha256(body).hexdigest():
+        raise Unusable("the cache entry is damaged")
     operators = meta["operators"]
     if operators:
         import pwd

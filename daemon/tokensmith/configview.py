@@ -140,6 +140,25 @@ class View:
     _fields: tuple = ()
     _model: str = ""
 
+    def __init__(self, **values):
+        """As a model is made from all its fields (e.g. type(config)(**{**dict(config), "timeout": 1}))."""
+        if values.keys() != set(self._fields):
+            raise TypeError(f"{self._model} takes exactly its fields")
+        _fill(self, [values[name] for name in self._fields], self._bits(values))
+
+    def _bits(self, names) -> int:
+        return sum(1 << index for index, name in enumerate(self._fields) if name in names)
+
+    def __iter__(self):
+        """(field, value) pairs, as a model gives them (dict(config))."""
+        return ((name, getattr(self, name)) for name in self._fields)
+
+    def model_copy(self, *, update: dict | None = None, deep: bool = False):
+        values = dict(self)
+        values.update(update or {})
+        return make_view(type(self), [values[name] for name in self._fields],
+                         self._fields_set | self._bits(update or {}))
+
     def __setattr__(self, name, value):
         raise AttributeError(f"{self._model} is read-only")
 
@@ -187,11 +206,17 @@ def view_class(model: str, fields: tuple) -> type:
 
 def make_view(cls: type, values: list, fields_set: int) -> View:
     view = cls.__new__(cls)
+    _fill(view, values, fields_set)
+    return view
+
+
+def _fill(view: View, values: list, fields_set: int) -> None:
+    if len(values) != len(view._fields):
+        raise ValueError(f"{view._model} has {len(view._fields)} fields, not {len(values)}")
     setter = object.__setattr__
-    for name, value in zip(cls._fields, values):
+    for name, value in zip(view._fields, values):
         setter(view, name, tuple(value) if isinstance(value, list) else value)
     setter(view, "_fields_set", fields_set)
-    return view
 
 
 def decoder(schema: dict):
