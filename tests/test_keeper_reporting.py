@@ -377,3 +377,47 @@ def test_a_refused_refresh_token_is_forgotten_on_disk_even_when_the_fallback_fai
     on_disk = StateStore(tmp_path / "state").load("c1")
     assert on_disk.refresh_token is None and on_disk.access_token == keeper.state.access_token
     assert sorted(path.name for path in (tmp_path / "state").glob("*.json")) == ["c1.json"]
+
+
+def test_the_refresh_token_grant_starts_from_the_sources_refresh_token(server, clock, tmp_path):
+    seed = TokenClient(ClientConfig(name="seed", token_url=server.token_url, grant="password", source={"type": "env"},
+                                    sinks=[{"type": "file", "path": "/unused"}]), clock=clock)
+    from tokensmith.sources import Credentials
+
+    issued = seed.obtain("password", Credentials(client_id="app", client_secret="app-secret", username="alice",
+                                                 password="alice-password"))
+    config = ClientConfig(name="c1", token_url=server.token_url, grant="refresh_token", source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/unused"}])
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    source = StaticSource(client_id="app", client_secret="app-secret", refresh_token=issued.refresh_token)
+    keeper = Keeper(config, source, [MemorySink()], TokenClient(config, clock=clock), store, clock=clock,
+                    rng=random.Random(1))
+    keeper.load()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "refresh_token" and outcome.exchanged_refresh_token is True
+    assert not server.is_active(issued.access_token)  # the exchange spent the bootstrap pair
+
+
+def test_an_outcome_names_its_client_and_whether_the_held_refresh_token_was_paired(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    first = keeper.refresh(reason="test")
+    assert first.client == "c1" and first.ok is True and first.old_paired is False  # nothing held yet
+    assert (tmp_path / "state" / "c1.lock").exists()  # the per-client cross-process lock
+    assert keeper.refresh(reason="test", exchange=True).old_paired is True
+    keeper.state.refresh_token_obtained_at -= 5  # a refresh token kept from an earlier response
+    assert keeper.refresh(reason="test").old_paired is False
+    keeper.state.refresh_token = None
+    assert keeper.refresh(reason="test").old_paired is False
+    keeper.token_client.errors = [TokenEndpointError("down", error="temporarily_unavailable", retryable=True)]
+    failed = keeper.refresh(reason="test")
+    assert failed.ok is False and failed.client == "c1"
+
+
+def test_a_scheduled_exchange_does_not_reread_the_credential_source(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    keeper.run_due()
+    reads = keeper.source.reads
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "refresh_token" and keeper.source.reads == reads
