@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import re
 
 import pytest
 
@@ -421,3 +422,61 @@ def test_a_scheduled_exchange_does_not_reread_the_credential_source(server, cloc
     clock.advance(keeper.next_due() - clock())
     keeper.run_due()
     assert keeper.state.last_grant == "refresh_token" and keeper.source.reads == reads
+
+
+class TimingMetrics(Metrics):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        self.seconds.append((ok, seconds))
+
+
+def test_refresh_durations_are_measured_from_the_start_of_the_refresh(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.metrics = metrics = TimingMetrics()
+    keeper.refresh(reason="test")
+    keeper.token_client.errors = [TokenEndpointError("down", error="temporarily_unavailable", retryable=True),
+                                  RuntimeError("bug")]
+    keeper.refresh(reason="test")
+    keeper.refresh(reason="test")
+    assert [ok for ok, _ in metrics.seconds] == [True, False, False]
+    assert all(isinstance(seconds, float) and 0 <= seconds < 60 for _, seconds in metrics.seconds), metrics.seconds
+
+
+def test_a_first_token_is_logged_without_a_replaced_one(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper.refresh(reason="test")
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refreshed"]
+    assert re.fullmatch(r"new token \S+ via password grant \(test\), expires_at=\d+ next_refresh=\d+",
+                        line.getMessage()), line.getMessage()
+
+
+def test_the_hooks_run_with_the_client_and_the_new_token(server, clock, tmp_path):
+    class Hooks:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, client, token):
+            self.calls.append((client.name, token.access_token))
+            return [{"hook": "reload", "ok": True}]
+
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.hooks = hooks = Hooks()
+    outcome = keeper.refresh(reason="test")
+    assert hooks.calls == [("c1", keeper.state.access_token)] and outcome.hooks == [{"hook": "reload", "ok": True}]
+
+
+def test_a_lease_that_cannot_cover_the_request_stops_the_refresh_without_a_failure(server, clock, tmp_path):
+    class Expiring(Leader):
+        def before_request(self, deadline):
+            raise FencedError("lease ends before the request could be answered", client="c1")
+
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.leader = leader = Expiring()
+    outcome = keeper.refresh(reason="test")
+    assert isinstance(outcome.error, FencedError) and not outcome.ok and keeper.failures == 0
+    assert leader.fenced_with == ["lease ends before the request could be answered"]
+    assert keeper.state.access_token is None and keeper.sinks[0].tokens == []
