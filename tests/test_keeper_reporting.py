@@ -480,3 +480,16 @@ def test_a_lease_that_cannot_cover_the_request_stops_the_refresh_without_a_failu
     assert isinstance(outcome.error, FencedError) and not outcome.ok and keeper.failures == 0
     assert leader.fenced_with == ["lease ends before the request could be answered"]
     assert keeper.state.access_token is None and keeper.sinks[0].tokens == []
+
+
+def test_a_chain_another_process_moved_on_at_the_same_instant_is_continued(server, clock, tmp_path):
+    """The clock does not move between two processes' refreshes (a coarse clock, or a fake one): the
+    newer state on disk is still taken, so its refresh token is the one the next exchange spends."""
+    daemon = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    daemon.refresh(reason="test")
+    cli = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    cli.refresh(reason="test", exchange=True)
+    assert cli.state.obtained_at == daemon.state.obtained_at
+    outcome = daemon.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.old_token.access_token == cli.state.access_token
+    assert server.stats["refresh_reuse"] == 0
