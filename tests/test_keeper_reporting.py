@@ -493,3 +493,16 @@ def test_a_chain_another_process_moved_on_at_the_same_instant_is_continued(serve
     outcome = daemon.refresh(reason="test", exchange=True)
     assert outcome.ok and outcome.old_token.access_token == cli.state.access_token
     assert server.stats["refresh_reuse"] == 0
+
+
+def test_an_unreadable_state_file_at_start_up_is_logged_for_the_client_and_a_new_token_obtained(server, clock,
+                                                                                               tmp_path, caplog):
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "c1.json").write_text("{damaged")
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper = make_keeper(server, clock, tmp_path)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "state_unreadable"]
+    assert line.levelno == logging.WARNING and line.client == "c1"
+    assert re.fullmatch(r"client c1: state file \S+/c1\.json was unreadable and was moved to c1\.json\.corrupt-\d+; "
+                        r"a new token will be obtained", line.getMessage()), line.getMessage()
+    assert keeper.state.access_token is None and keeper.refresh(reason="test").ok
