@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from fakes import FakeClock, MemorySink, StaticSource
+from fakes import FailingSink, FakeClock, MemorySink, StaticSource
 from tokensmith.config import ClientConfig
 from tokensmith.devserver import OAuthServer
 from tokensmith.errors import InternalError, SourceError, StateError, TokenEndpointError
@@ -506,3 +506,17 @@ def test_an_unreadable_state_file_at_start_up_is_logged_for_the_client_and_a_new
     assert re.fullmatch(r"client c1: state file \S+/c1\.json was unreadable and was moved to c1\.json\.corrupt-\d+; "
                         r"a new token will be obtained", line.getMessage()), line.getMessage()
     assert keeper.state.access_token is None and keeper.refresh(reason="test").ok
+
+
+def test_the_first_sink_retry_after_a_restart_backs_off_from_the_first_step(server, clock, tmp_path):
+    first = make_keeper(server, clock, tmp_path, sinks=[])
+    first.refresh(reason="test")  # a token in state that no sink holds yet (a crash before the sink write)
+    sink = FailingSink(1)
+    keeper = make_keeper(server, clock, tmp_path, sinks=[sink], refresh={"backoff_initial": 10, "backoff_max": 600})
+    assert keeper.pending_sinks() == [sink]
+    keeper.run_due()
+    assert sink.attempts == 1 and keeper.sink_failures == 1
+    assert keeper.next_due() - clock() <= 10
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert sink.current.access_token == first.state.access_token and keeper.sink_failures == 0
