@@ -520,3 +520,23 @@ def test_the_first_sink_retry_after_a_restart_backs_off_from_the_first_step(serv
     clock.advance(keeper.next_due() - clock())
     keeper.run_due()
     assert sink.current.access_token == first.state.access_token and keeper.sink_failures == 0
+
+
+def test_a_token_kept_at_start_up_is_logged_and_one_at_its_expiry_is_not_kept(server, clock, tmp_path, caplog):
+    first = make_keeper(server, clock, tmp_path)
+    first.refresh(reason="test")
+    token = first.state.token
+    first.state_unsaved = True
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        first.load()  # a restart, or a standby taking over: the state just read is durable
+    assert first.state_unsaved is False
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "token_kept"]
+    assert line.client == "c1" and line.levelno == logging.INFO
+    assert line.getMessage() == (f"kept token {token.fingerprint} from state, expires_at={int(token.expires_at)} "
+                                 f"next_refresh={int(first.refresh_at)}")
+    clock.advance(token.expires_at - clock())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        restarted = make_keeper(server, clock, tmp_path)
+    assert restarted.next_due() == 0.0  # at its expires_at a token is no longer valid: refresh at once
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "token_kept"]
