@@ -49,7 +49,7 @@ def server(clock):
         yield server
 
 
-def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None):
+def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None, hooks=None):
     config = ClientConfig(name="c1", token_url=server.token_url, grant="password", auth_style=auth_style,
                           source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}], refresh=refresh or {})
     source = source or StaticSource(client_id="app", client_secret="app-secret", username="alice",
@@ -58,7 +58,7 @@ def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, sou
     store.prepare()
     client = ScriptedTokenClient(TokenClient(config, clock=clock))
     keeper = Keeper(config, source, sinks if sinks is not None else [MemorySink()], client, store, clock=clock,
-                    rng=random.Random(1))
+                    rng=random.Random(1), hooks=hooks)
     keeper.load()
     return keeper
 
@@ -463,8 +463,8 @@ def test_the_hooks_run_with_the_client_and_the_new_token(server, clock, tmp_path
             self.calls.append((client.name, token.access_token))
             return [{"hook": "reload", "ok": True}]
 
-    keeper = make_keeper(server, clock, tmp_path)
-    keeper.hooks = hooks = Hooks()
+    hooks = Hooks()
+    keeper = make_keeper(server, clock, tmp_path, hooks=hooks)
     outcome = keeper.refresh(reason="test")
     assert hooks.calls == [("c1", keeper.state.access_token)] and outcome.hooks == [{"hook": "reload", "ok": True}]
 
