@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import re
 
 import pytest
 
-from fakes import FakeClock, MemorySink, StaticSource
+from fakes import FailingSink, FakeClock, MemorySink, StaticSource
 from tokensmith.config import ClientConfig
 from tokensmith.devserver import OAuthServer
 from tokensmith.errors import InternalError, SourceError, StateError, TokenEndpointError
@@ -48,7 +49,7 @@ def server(clock):
         yield server
 
 
-def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None):
+def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None, hooks=None):
     config = ClientConfig(name="c1", token_url=server.token_url, grant="password", auth_style=auth_style,
                           source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}], refresh=refresh or {})
     source = source or StaticSource(client_id="app", client_secret="app-secret", username="alice",
@@ -57,7 +58,7 @@ def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, sou
     store.prepare()
     client = ScriptedTokenClient(TokenClient(config, clock=clock))
     keeper = Keeper(config, source, sinks if sinks is not None else [MemorySink()], client, store, clock=clock,
-                    rng=random.Random(1))
+                    rng=random.Random(1), hooks=hooks)
     keeper.load()
     return keeper
 
@@ -377,3 +378,165 @@ def test_a_refused_refresh_token_is_forgotten_on_disk_even_when_the_fallback_fai
     on_disk = StateStore(tmp_path / "state").load("c1")
     assert on_disk.refresh_token is None and on_disk.access_token == keeper.state.access_token
     assert sorted(path.name for path in (tmp_path / "state").glob("*.json")) == ["c1.json"]
+
+
+def test_the_refresh_token_grant_starts_from_the_sources_refresh_token(server, clock, tmp_path):
+    seed = TokenClient(ClientConfig(name="seed", token_url=server.token_url, grant="password", source={"type": "env"},
+                                    sinks=[{"type": "file", "path": "/unused"}]), clock=clock)
+    from tokensmith.sources import Credentials
+
+    issued = seed.obtain("password", Credentials(client_id="app", client_secret="app-secret", username="alice",
+                                                 password="alice-password"))
+    config = ClientConfig(name="c1", token_url=server.token_url, grant="refresh_token", source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/unused"}])
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    source = StaticSource(client_id="app", client_secret="app-secret", refresh_token=issued.refresh_token)
+    keeper = Keeper(config, source, [MemorySink()], TokenClient(config, clock=clock), store, clock=clock,
+                    rng=random.Random(1))
+    keeper.load()
+    outcome = keeper.refresh(reason="test")
+    assert outcome.ok and outcome.grant == "refresh_token" and outcome.exchanged_refresh_token is True
+    assert not server.is_active(issued.access_token)  # the exchange spent the bootstrap pair
+
+
+def test_an_outcome_names_its_client_and_whether_the_held_refresh_token_was_paired(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    first = keeper.refresh(reason="test")
+    assert first.client == "c1" and first.ok is True and first.old_paired is False  # nothing held yet
+    assert (tmp_path / "state" / "c1.lock").exists()  # the per-client cross-process lock
+    assert keeper.refresh(reason="test", exchange=True).old_paired is True
+    keeper.state.refresh_token_obtained_at -= 5  # a refresh token kept from an earlier response
+    assert keeper.refresh(reason="test").old_paired is False
+    keeper.state.refresh_token = None
+    assert keeper.refresh(reason="test").old_paired is False
+    keeper.token_client.errors = [TokenEndpointError("down", error="temporarily_unavailable", retryable=True)]
+    failed = keeper.refresh(reason="test")
+    assert failed.ok is False and failed.client == "c1"
+
+
+def test_a_scheduled_exchange_does_not_reread_the_credential_source(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    keeper.run_due()
+    reads = keeper.source.reads
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert keeper.state.last_grant == "refresh_token" and keeper.source.reads == reads
+
+
+class TimingMetrics(Metrics):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def refresh_result(self, client, ok, reason, seconds, token):
+        self.seconds.append((ok, seconds))
+
+
+def test_refresh_durations_are_measured_from_the_start_of_the_refresh(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.metrics = metrics = TimingMetrics()
+    keeper.refresh(reason="test")
+    keeper.token_client.errors = [TokenEndpointError("down", error="temporarily_unavailable", retryable=True),
+                                  RuntimeError("bug")]
+    keeper.refresh(reason="test")
+    keeper.refresh(reason="test")
+    assert [ok for ok, _ in metrics.seconds] == [True, False, False]
+    assert all(isinstance(seconds, float) and 0 <= seconds < 60 for _, seconds in metrics.seconds), metrics.seconds
+
+
+def test_a_first_token_is_logged_without_a_replaced_one(server, clock, tmp_path, caplog):
+    keeper = make_keeper(server, clock, tmp_path)
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper.refresh(reason="test")
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "refreshed"]
+    assert re.fullmatch(r"new token \S+ via password grant \(test\), expires_at=\d+ next_refresh=\d+",
+                        line.getMessage()), line.getMessage()
+
+
+def test_the_hooks_run_with_the_client_and_the_new_token(server, clock, tmp_path):
+    class Hooks:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, client, token):
+            self.calls.append((client.name, token.access_token))
+            return [{"hook": "reload", "ok": True}]
+
+    hooks = Hooks()
+    keeper = make_keeper(server, clock, tmp_path, hooks=hooks)
+    outcome = keeper.refresh(reason="test")
+    assert hooks.calls == [("c1", keeper.state.access_token)] and outcome.hooks == [{"hook": "reload", "ok": True}]
+
+
+def test_a_lease_that_cannot_cover_the_request_stops_the_refresh_without_a_failure(server, clock, tmp_path):
+    class Expiring(Leader):
+        def before_request(self, deadline):
+            raise FencedError("lease ends before the request could be answered", client="c1")
+
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.leader = leader = Expiring()
+    outcome = keeper.refresh(reason="test")
+    assert isinstance(outcome.error, FencedError) and not outcome.ok and keeper.failures == 0
+    assert leader.fenced_with == ["lease ends before the request could be answered"]
+    assert keeper.state.access_token is None and keeper.sinks[0].tokens == []
+
+
+def test_a_chain_another_process_moved_on_at_the_same_instant_is_continued(server, clock, tmp_path):
+    """The clock does not move between two processes' refreshes (a coarse clock, or a fake one): the
+    newer state on disk is still taken, so its refresh token is the one the next exchange spends."""
+    daemon = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    daemon.refresh(reason="test")
+    cli = make_keeper(server, clock, tmp_path, refresh={"strategy": "refresh_token"})
+    cli.refresh(reason="test", exchange=True)
+    assert cli.state.obtained_at == daemon.state.obtained_at
+    outcome = daemon.refresh(reason="test", exchange=True)
+    assert outcome.ok and outcome.old_token.access_token == cli.state.access_token
+    assert server.stats["refresh_reuse"] == 0
+
+
+def test_an_unreadable_state_file_at_start_up_is_logged_for_the_client_and_a_new_token_obtained(server, clock,
+                                                                                               tmp_path, caplog):
+    (tmp_path / "state").mkdir(mode=0o700)
+    (tmp_path / "state" / "c1.json").write_text("{damaged")
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        keeper = make_keeper(server, clock, tmp_path)
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "state_unreadable"]
+    assert line.levelno == logging.WARNING and line.client == "c1"
+    assert re.fullmatch(r"client c1: state file \S+/c1\.json was unreadable and was moved to c1\.json\.corrupt-\d+; "
+                        r"a new token will be obtained", line.getMessage()), line.getMessage()
+    assert keeper.state.access_token is None and keeper.refresh(reason="test").ok
+
+
+def test_the_first_sink_retry_after_a_restart_backs_off_from_the_first_step(server, clock, tmp_path):
+    first = make_keeper(server, clock, tmp_path, sinks=[])
+    first.refresh(reason="test")  # a token in state that no sink holds yet (a crash before the sink write)
+    sink = FailingSink(1)
+    keeper = make_keeper(server, clock, tmp_path, sinks=[sink], refresh={"backoff_initial": 10, "backoff_max": 600})
+    assert keeper.pending_sinks() == [sink]
+    keeper.run_due()
+    assert sink.attempts == 1 and keeper.sink_failures == 1
+    assert keeper.next_due() - clock() <= 10
+    clock.advance(keeper.next_due() - clock())
+    keeper.run_due()
+    assert sink.current.access_token == first.state.access_token and keeper.sink_failures == 0
+
+
+def test_a_token_kept_at_start_up_is_logged_and_one_at_its_expiry_is_not_kept(server, clock, tmp_path, caplog):
+    first = make_keeper(server, clock, tmp_path)
+    first.refresh(reason="test")
+    token = first.state.token
+    first.state_unsaved = True
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        first.load()  # a restart, or a standby taking over: the state just read is durable
+    assert first.state_unsaved is False
+    [line] = [r for r in caplog.records if getattr(r, "event", None) == "token_kept"]
+    assert line.client == "c1" and line.levelno == logging.INFO
+    assert line.getMessage() == (f"kept token {token.fingerprint} from state, expires_at={int(token.expires_at)} "
+                                 f"next_refresh={int(first.refresh_at)}")
+    clock.advance(token.expires_at - clock())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        restarted = make_keeper(server, clock, tmp_path)
+    assert restarted.next_due() == 0.0  # at its expires_at a token is no longer valid: refresh at once
+    assert not [r for r in caplog.records if getattr(r, "event", None) == "token_kept"]

@@ -404,3 +404,13 @@ def test_audit_keys_are_stamped_in_utc_whatever_the_local_zone(monkeypatch):
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def test_a_deleted_version_in_the_store_is_not_replaced_by_a_state_file(tmp_path, records):
+    """A KV v2 record whose latest version was deleted reads as no data at version N: that is the
+    store's answer, not a host that never wrote there, so the old state file is not imported."""
+    StateStore(tmp_path / "a").prepare()
+    StateStore(tmp_path / "a").save("billing", state(1))
+    records.items["billing"] = (None, 3)
+    shared = store(tmp_path, records, "a")
+    assert shared.load("billing") is None and shared.versions["billing"] == 3
