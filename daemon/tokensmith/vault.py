@@ -110,6 +110,10 @@ class VaultClient:
         # Sent with every kv2_* request, so no node answers from a copy older than that write.
         self.index: str | None = None
 
+    def keep_connections(self, size: int) -> None:
+        """Keep up to `size` idle keep-alive connections (one per worker that calls Vault)."""
+        self._pool.pool_size = max(self._pool.pool_size, size)
+
     # ---- HTTP
 
     def _send(self, method: str, path: str, body: dict | None = None, *, query: str = "",

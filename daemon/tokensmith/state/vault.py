@@ -14,23 +14,6 @@ from tokensmith.errors import StateError
 from tokensmith.state.shared import SharedStateStore
 
 
-def keep_connections(vault, size: int) -> None:
-    """Keep a connection to Vault per refresh worker, each of which reads and writes state on every
-    refresh (more would be closed after each use and opened again). A thin wrapper until VaultClient
-    takes a pool size; it handles both of its transports (the project's HttpPool, hvac's requests)."""
-    pool = getattr(vault, "_pool", None)
-    if pool is not None and hasattr(pool, "pool_size"):
-        pool.pool_size = max(pool.pool_size, size)
-        return
-    session = getattr(getattr(getattr(vault, "_hvac", None), "adapter", None), "session", None)
-    if session is not None:
-        from tokensmith.vault import WatchedAdapter
-
-        adapter = WatchedAdapter(max_retries=0, pool_maxsize=max(size, 10))
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-
-
 class VaultStateStore(SharedStateStore):
     what = "vault state"
 
@@ -44,7 +27,7 @@ class VaultStateStore(SharedStateStore):
     def from_settings(cls, settings, backends) -> "VaultStateStore":
         store = cls(settings.state, backends.vault(), settings.state_dir)
         store.workers = settings.scheduler.max_workers
-        keep_connections(store.vault, store.workers)
+        store.vault.keep_connections(store.workers)
         return store
 
     def _path(self, client: str) -> str:
