@@ -229,6 +229,10 @@ class Keeper:
                 return None
         age = self.clock() - state.refresh_token_obtained_at
         if age >= self.client.refresh.refresh_token_lifetime:
+            if self.client.grant == "refresh_token" and state.spent_seed:
+                # the only fallback is the seed, already spent: presenting that would be a replay, so
+                # the provider decides whether the held one is still good
+                return state.refresh_token
             log.info("refresh token is %.0fs old, past refresh_token_lifetime; using the %s grant", age,
                      self.client.grant, extra={"client": self.name, "event": "refresh_token_aged"})
             return None
