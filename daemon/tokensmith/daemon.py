@@ -129,7 +129,9 @@ class Daemon:
         if getattr(self.store, "shared", False):
             self._build_leadership()
         for client in self.settings.clients:
-            self.keepers[client.name] = self.make_keeper(client)
+            # with a lease, every record is read (in parallel) when it is won: reading them one by
+            # one here first would only delay the first refresh (5,000 reads)
+            self.keepers[client.name] = self.make_keeper(client, load=self.leadership is None)
         if self.serve:
             # Temp files a crash left behind. Only here, before any worker runs: the same cleanup
             # during a reload would delete a temp file another thread is about to rename.
