@@ -20,13 +20,15 @@ import stat
 import threading
 import time
 from http import HTTPStatus
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote, urljoin, urlsplit
 
-from tokensmith.config import VaultConfig
 from tokensmith.errors import SinkError, SourceError, TokensmithError
 from tokensmith.proxy import ProxyError, proxy_for
 from tokensmith.transport import BodyError, HttpPool, TLSSetupError
+
+if TYPE_CHECKING:  # the config cache's views stand in for the models: no pydantic on the first-token path
+    from tokensmith.config import VaultConfig
 
 MAX_BODY = 16 * 1024 * 1024  # a listing of 20,000 state records is ~1 MB
 MAX_REDIRECTS = 3  # a standby that does not forward answers 307 to the active node
