@@ -83,7 +83,7 @@ def test_encode_stores_every_field_the_format_and_the_epoch():
     assert record["state"]["sinks_written"] is not original.sinks_written
     assert set(record["state"]) == {"access_token", "token_type", "obtained_at", "expires_at", "refresh_token",
                                     "refresh_token_obtained_at", "client_id", "sinks_written", "last_refresh",
-                                    "last_grant", "last_error", "last_error_at", "alert"}
+                                    "last_grant", "last_error", "last_error_at", "alert", "spent_seed"}
     assert decode(record) == original
     assert decode({**record, "state": json.dumps(record["state"])}) == original  # DynamoDB stores it as a string
 
