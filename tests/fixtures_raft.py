@@ -115,7 +115,8 @@ log_level = "warn"
         request = urllib.request.Request(f"{self.address}/v1/{path}", data=data, method=method)
         if token or self.cluster.root_token:
             request.add_header("X-Vault-Token", token or self.cluster.root_token)
-        with urllib.request.urlopen(request, timeout=5) as response:
+        # sys/init writes through Raft: it took over 5 s at load average 37
+        with urllib.request.urlopen(request, timeout=30) as response:
             text = response.read()
         return json.loads(text) if text else {}
 
