@@ -50,3 +50,66 @@ def test_an_unreachable_endpoint_is_retryable_and_names_the_table_and_the_operat
         dead.load_all()
     assert listed.value.retryable
     assert listed.value.message == "dynamodb table tokensmith-state: scan: cannot reach the AWS endpoint"
+
+
+def test_a_failed_read_or_write_names_the_client_and_the_operation(tmp_path, endpoint):
+    from tokensmith.state import ClientState
+
+    dead = backend(tmp_path, "http://127.0.0.1:1", "tokensmith-state")
+    with pytest.raises(StateError) as read:
+        dead.load("billing")
+    assert type(read.value) is StateError and read.value.retryable and read.value.client == "billing"
+    assert read.value.message == "dynamodb table tokensmith-state: read: cannot reach the AWS endpoint"
+    with pytest.raises(StateError) as written:
+        dead.save("billing", ClientState(access_token="at-never-stored"))
+    assert type(written.value) is StateError and written.value.retryable and written.value.client == "billing"
+    assert written.value.message == "dynamodb table tokensmith-state: write: cannot reach the AWS endpoint"
+
+
+def make_table(endpoint) -> tuple[str, object]:
+    import boto3
+
+    name = "tokensmith-" + uuid.uuid4().hex[:10]
+    db = boto3.session.Session().client("dynamodb", region_name="us-east-1", endpoint_url=endpoint)
+    db.create_table(TableName=name, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                    AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                    BillingMode="PAY_PER_REQUEST")
+    return name, db
+
+
+@pytest.mark.parametrize("damage", [{}, {"state": {"S": "{not json"}}, {"state": {"N": "5"}}])
+def test_a_damaged_item_is_unreadable_and_the_next_save_replaces_it(tmp_path, endpoint, damage):
+    import json
+
+    from tokensmith.state import ClientState
+
+    name, db = make_table(endpoint)
+    db.put_item(TableName=name, Item={"pk": {"S": "client#billing"}, "version": {"N": "3"}, **damage})
+    store = backend(tmp_path, endpoint, name)
+    with pytest.raises(StateError) as caught:
+        store.load("billing")
+    assert caught.value.client == "billing" and "(version 3) is unreadable" in caught.value.message
+    assert store.load_all() == {}
+    store.save("billing", ClientState(access_token="at-replacement"))
+    stored = db.get_item(TableName=name, Key={"pk": {"S": "client#billing"}}, ConsistentRead=True)["Item"]
+    assert stored["version"]["N"] == "4" and json.loads(stored["state"]["S"])["access_token"] == "at-replacement"
+    assert backend(tmp_path / "b", endpoint, name).load("billing").access_token == "at-replacement"
+
+
+def test_an_item_without_epoch_or_writer_is_read_as_epoch_0(tmp_path, endpoint):
+    import json
+
+    from tokensmith.state import ClientState
+
+    name, db = make_table(endpoint)
+    db.put_item(TableName=name, Item={"pk": {"S": "client#billing"}, "version": {"N": "2"},
+                                      "state": {"S": json.dumps({"access_token": "at-older-writer"})}})
+    store = backend(tmp_path, endpoint, name)
+    assert store.load("billing") == ClientState(access_token="at-older-writer")
+    assert store.load_all() == {"billing": ClientState(access_token="at-older-writer")}
+    assert store._read("billing") == ({"state": json.dumps({"access_token": "at-older-writer"}), "epoch": 0,
+                                       "writer": None}, 2)
+    store.save("billing", ClientState(access_token="at-next"))
+    stored = db.get_item(TableName=name, Key={"pk": {"S": "client#billing"}}, ConsistentRead=True)["Item"]
+    assert stored["version"]["N"] == "3" and stored["epoch"]["N"] == "0" and stored["format"]["N"] == "1"
+    assert stored["writer"]["S"] == store.writer
