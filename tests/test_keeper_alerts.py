@@ -1,0 +1,95 @@
+"""The alert a refresh failure raises when only an operator can help: the refresh token a
+`grant: refresh_token` client depends on was refused (invalid_grant) or was already spent; and no
+alert for the failures the keeper retries or falls back from. Real token client, real token endpoint."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+
+from fakes import FakeClock, MemorySink, StaticSource
+from tokensmith.config import ClientConfig
+from tokensmith.devserver import OAuthServer
+from tokensmith.keeper import Keeper
+from tokensmith.state import StateStore
+from tokensmith.tokenclient import TokenClient
+from tokensmith.tokens import fingerprint
+
+INVALID_GRANT_ALERT = ("invalid_grant: the provider refused the refresh token (spent, expired or revoked; a reused "
+                       "one makes some providers revoke its whole family); put a new refresh token in the source")
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def server(clock):
+    with OAuthServer(access_lifetime=600, clock=clock) as server:
+        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
+        yield server
+
+
+def keeper_for(server, clock, tmp_path, grant, **creds):
+    config = ClientConfig(name="c1", token_url=server.token_url, grant=grant, auth_style="post",
+                          source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}])
+    store = StateStore(tmp_path / "state")
+    store.prepare()
+    keeper = Keeper(config, StaticSource(client_id="app", client_secret="app-secret", **creds), [MemorySink()],
+                    TokenClient(config, clock=clock), store, clock=clock, rng=random.Random(1))
+    keeper.load()
+    return keeper
+
+
+def failed_line(caplog):
+    return [r for r in caplog.records if getattr(r, "event", None) == "refresh_failed"][-1]
+
+
+def test_a_refused_seed_raises_the_invalid_grant_alert_and_is_never_presented_again(server, clock, tmp_path, caplog):
+    keeper = keeper_for(server, clock, tmp_path, "refresh_token", refresh_token="rt-the-provider-never-issued")
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test")
+    assert outcome.error.error == "invalid_grant"
+    assert keeper.state.alert == INVALID_GRANT_ALERT
+    assert failed_line(caplog).levelno == logging.CRITICAL
+    assert keeper.state.spent_seed == fingerprint("rt-the-provider-never-issued")
+    requests = server.stats["token_requests"]
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        again = keeper.refresh(reason="test")
+    assert server.stats["token_requests"] == requests  # a replay is not sent
+    assert again.error.error == "spent_refresh_token" and again.error.retryable is False
+    assert keeper.state.alert == ("spent_refresh_token: the refresh token in the source was already spent; not "
+                                  "presenting it again; put a new refresh token in the source")
+    assert failed_line(caplog).levelno == logging.CRITICAL
+
+
+@pytest.mark.parametrize("grant, error", [("password", "invalid_grant"), ("password", "invalid_scope"),
+                                          ("refresh_token", "invalid_scope"), ("refresh_token", "server_error")])
+def test_other_refusals_raise_no_alert(server, clock, tmp_path, caplog, grant, error):
+    creds = {"username": "alice", "password": "alice-password"} if grant == "password" else {}
+    if grant == "refresh_token":
+        issuer = keeper_for(server, clock, tmp_path / "issuer", "password", username="alice",
+                            password="alice-password")
+        issuer.run_due()
+        creds = {"refresh_token": issuer.state.refresh_token}
+    keeper = keeper_for(server, clock, tmp_path, grant, **creds)
+    server.fail_next(status=400, body=f'{{"error": "{error}"}}')
+    with caplog.at_level(logging.INFO, logger="tokensmith.keeper"):
+        outcome = keeper.refresh(reason="test")
+    assert outcome.error is not None and outcome.error.error == error
+    assert keeper.state.alert is None
+    assert failed_line(caplog).levelno == logging.ERROR
+
+
+def test_the_spent_seed_is_saved_with_the_new_token(server, clock, tmp_path):
+    issuer = keeper_for(server, clock, tmp_path / "issuer", "password", username="alice", password="alice-password")
+    issuer.run_due()
+    seed = issuer.state.refresh_token
+    keeper = keeper_for(server, clock, tmp_path, "refresh_token", refresh_token=seed)
+    assert keeper.refresh(reason="test").error is None
+    assert keeper.store.load("c1").spent_seed == fingerprint(seed)
+    assert keeper.refresh(reason="test").error is None  # the chain goes on; the seed stays recorded
+    assert keeper.store.load("c1").spent_seed == fingerprint(seed)
