@@ -113,3 +113,54 @@ def test_an_item_without_epoch_or_writer_is_read_as_epoch_0(tmp_path, endpoint):
     stored = db.get_item(TableName=name, Key={"pk": {"S": "client#billing"}}, ConsistentRead=True)["Item"]
     assert stored["version"]["N"] == "3" and stored["epoch"]["N"] == "0" and stored["format"]["N"] == "1"
     assert stored["writer"]["S"] == store.writer
+
+
+def test_a_failed_audit_write_names_the_client_and_the_operation(tmp_path, endpoint):
+    dead = backend(tmp_path, "http://127.0.0.1:1", "tokensmith-state")
+    with pytest.raises(StateError) as caught:
+        dead.append_audit({"client": "billing", "result": "rotated"})
+    assert type(caught.value) is StateError and caught.value.retryable and caught.value.client == "billing"
+    assert caught.value.message == "dynamodb table tokensmith-state: audit write: cannot reach the AWS endpoint"
+
+
+def test_an_audit_record_is_created_once_and_never_overwritten(tmp_path, endpoint):
+    name, db = make_table(endpoint)
+    store = backend(tmp_path, endpoint, name)
+    store._put_audit("20261202T010000-billing-0a0b0c0d", {"client": "billing", "result": "rotated"})
+    with pytest.raises(StateError) as caught:
+        store._put_audit("20261202T010000-billing-0a0b0c0d", {"client": "billing", "result": "forged"})
+    assert caught.value.client == "billing" and "ConditionalCheckFailed" in caught.value.message
+    assert store.audit_records() == [{"client": "billing", "result": "rotated"}]
+
+
+def test_every_read_is_strongly_consistent(tmp_path, endpoint):
+    # moto has no eventually consistent reads, so the requests themselves are checked
+    from tokensmith.state import ClientState
+
+    name, db = make_table(endpoint)
+    store = backend(tmp_path, endpoint, name)
+    store.save("billing", ClientState(access_token="at-1"))
+    store.append_audit({"client": "billing", "result": "rotated"})
+    sent = []
+    for operation in ("get_item", "scan"):
+        real = getattr(store.db, operation)
+        setattr(store.db, operation, lambda real=real, operation=operation, **kwargs: (
+            sent.append((operation, kwargs.get("ConsistentRead"))), real(**kwargs))[1])
+    fresh = backend(tmp_path / "b", endpoint, name)
+    fresh._db = store.db
+    assert fresh.load("billing") == ClientState(access_token="at-1")
+    assert fresh.load_all() == {"billing": ClientState(access_token="at-1")}
+    assert len(fresh.audit_records()) == 1
+    assert sorted(set(sent)) == [("get_item", True), ("scan", True)]
+
+
+def test_the_client_list_leaves_out_audit_and_lease_items(tmp_path, endpoint):
+    from tokensmith.state import ClientState
+
+    name, db = make_table(endpoint)
+    store = backend(tmp_path, endpoint, name)
+    for client in ("b-api", "a-api"):
+        store.save(client, ClientState(access_token=f"at-{client}"))
+    store.append_audit({"client": "a-api", "result": "rotated"})
+    db.put_item(TableName=name, Item={"pk": {"S": "lease"}, "holder": {"S": "pod-a"}})
+    assert store._list() == ["a-api", "b-api"]
