@@ -1,0 +1,118 @@
+"""Compromise rotation against providers that behave as oidc-provider does, modelled on the
+project's token server: an exchange that leaves the old access token active, and a revocation that
+takes the whole grant (the new token with it). What the rotation claims must match what the
+provider did."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_compromise import make_keeper, rotate
+from tokensmith.devserver import OAuthServer
+
+
+class KeepsAccessServer(OAuthServer):
+    """A refresh exchange spends the refresh token but leaves the access token it came with active."""
+
+    def _spend_refresh(self, client_id, token):
+        record = self._refresh.get(token)
+        kept = self._access.get(record.access) if record else None
+        user = super()._spend_refresh(client_id, token)
+        if kept is not None:
+            self._access[record.access] = kept
+        return user
+
+
+class GrantRevokingServer(KeepsAccessServer):
+    """Revoking one token of a grant revokes every token of the client's grant, new ones included."""
+
+    def _revoke(self, query, headers, body):
+        answer = super()._revoke(query, headers, body)
+        with self._lock:
+            for tokens in (self._access, self._refresh):
+                for token in [t for t, record in tokens.items() if record.client_id == "kc"]:
+                    del tokens[token]
+        return answer
+
+
+LEFT_ACTIVE = {"step": "refresh_exchange", "result": "ok, but the provider left the old access token active"}
+
+
+@pytest.fixture
+def keeps():
+    with KeepsAccessServer(access_lifetime=300) as server:
+        yield server
+
+
+def test_an_exchange_that_left_the_old_token_active_is_not_claimed(keeps, tmp_path):
+    keeper = make_keeper(keeps, tmp_path, introspection_url=keeps.introspection_url)
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    assert keeps.is_active(old), "the provider really left the old token active"
+    assert result["steps"] == [LEFT_ACTIVE]
+    assert (result["result"], result["exit_code"], result["invalidation"]) == ("verification_failed", 4, "none")
+    assert result["verification"] == "failed: old token still active"
+
+
+def test_then_the_old_access_token_is_revoked_explicitly(keeps, tmp_path):
+    keeper = make_keeper(keeps, tmp_path, introspection_url=keeps.introspection_url,
+                         revocation_url=keeps.revocation_url)
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    assert not keeps.is_active(old) and keeps.is_active(keeper.state.access_token)
+    assert result["steps"] == [LEFT_ACTIVE, {"step": "revoke_access_token", "result": "ok"}]
+    assert (result["result"], result["exit_code"], result["invalidation"]) == ("rotated", 0, "revocation")
+    assert result["verification"] == "verified" and keeper.state.alert is None
+
+
+def test_an_exchange_shown_to_have_invalidated_the_token_needs_no_revocation(tmp_path):
+    with OAuthServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                             revocation_url=server.revocation_url)
+        keeper.run_due()
+        result = rotate(keeper, tmp_path)
+        assert result["steps"] == [{"step": "refresh_exchange", "result": "ok"}]
+        assert server.stats["revocations"] == 0
+        assert (result["result"], result["invalidation"], result["verification"]) == ("rotated", "refresh_exchange",
+                                                                                     "verified")
+
+
+def test_an_unanswered_introspection_does_not_skip_the_revocation(tmp_path):
+    with OAuthServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, introspection_url=server.url + "/no-such-endpoint",
+                             revocation_url=server.revocation_url)
+        keeper.run_due()
+        result = rotate(keeper, tmp_path)
+        assert result["steps"] == [{"step": "refresh_exchange", "result": "ok"},
+                                   {"step": "revoke_access_token", "result": "ok"}]
+        assert result["invalidation"] == "refresh_exchange+revocation"
+
+
+def test_a_revocation_that_took_the_new_token_too_is_reported(tmp_path):
+    with GrantRevokingServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url,
+                             revocation_url=server.revocation_url)
+        keeper.run_due()
+        old = keeper.state.access_token
+        result = rotate(keeper, tmp_path)
+        assert not server.is_active(old) and not server.is_active(keeper.state.access_token)
+        assert result["steps"] == [LEFT_ACTIVE, {"step": "revoke_access_token", "result": "ok"},
+                                   {"step": "check_new_token",
+                                    "result": "inactive: the provider revoked it with the old one"}]
+        assert (result["result"], result["exit_code"], result["invalidation"]) == ("new_token_revoked", 1,
+                                                                                   "revocation")
+        assert result["message"] == ("old token invalidated by revocation, but the provider revoked the new token with "
+                                     "it (the whole grant): new credentials or a new refresh token are needed")
+        assert keeper.state.alert == ("compromise rotation: the provider revoked the new token together with the "
+                                      "old one (the whole grant); new credentials or a new refresh token are needed")
+
+
+def test_without_introspection_a_revoked_new_token_cannot_be_seen_and_is_not_claimed(tmp_path):
+    with GrantRevokingServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, revocation_url=server.revocation_url)
+        keeper.run_due()
+        result = rotate(keeper, tmp_path)
+        assert [step["step"] for step in result["steps"]] == ["refresh_exchange", "revoke_access_token"]
+        assert result["result"] == "rotated" and keeper.state.alert is None
