@@ -164,3 +164,33 @@ def test_the_client_list_leaves_out_audit_and_lease_items(tmp_path, endpoint):
     store.append_audit({"client": "a-api", "result": "rotated"})
     db.put_item(TableName=name, Item={"pk": {"S": "lease"}, "holder": {"S": "pod-a"}})
     assert store._list() == ["a-api", "b-api"]
+
+
+def test_a_write_whose_answer_was_lost_is_recognised_as_its_own_on_the_retry(tmp_path, endpoint):
+    from botocore.exceptions import EndpointConnectionError
+
+    from tokensmith.state import ClientState, StaleStateError
+
+    name, db = make_table(endpoint)
+    store = backend(tmp_path, endpoint, name)
+    store.epoch = 3
+    store.save("billing", ClientState(access_token="at-1"))
+    real_put = store.db.put_item
+
+    def committed_but_unanswered(**kwargs):
+        real_put(**kwargs)
+        raise EndpointConnectionError(endpoint_url=endpoint)
+
+    store.db.put_item = committed_but_unanswered
+    with pytest.raises(StateError) as lost:
+        store.save("billing", ClientState(access_token="at-2"))
+    assert lost.value.retryable
+    store.db.put_item = real_put
+    assert store._read("billing")[0]["epoch"] == 3 and store._read("billing")[0]["writer"] == store.writer
+    store.save("billing", ClientState(access_token="at-2"))  # its own write, found on the retry: success
+    assert store.load("billing") == ClientState(access_token="at-2")
+    other = backend(tmp_path / "b", endpoint, name)
+    other.epoch = 3
+    other.versions["billing"] = 1
+    with pytest.raises(StaleStateError):  # the same state from another writer is not taken as its own
+        other.save("billing", ClientState(access_token="at-2"))
