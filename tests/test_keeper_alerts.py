@@ -33,9 +33,9 @@ def server(clock):
         yield server
 
 
-def keeper_for(server, clock, tmp_path, grant, **creds):
+def keeper_for(server, clock, tmp_path, grant, refresh=None, **creds):
     config = ClientConfig(name="c1", token_url=server.token_url, grant=grant, auth_style="post",
-                          source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}])
+                          source={"type": "env"}, sinks=[{"type": "file", "path": "/unused"}], refresh=refresh or {})
     store = StateStore(tmp_path / "state")
     store.prepare()
     keeper = Keeper(config, StaticSource(client_id="app", client_secret="app-secret", **creds), [MemorySink()],
@@ -93,3 +93,43 @@ def test_the_spent_seed_is_saved_with_the_new_token(server, clock, tmp_path):
     assert keeper.store.load("c1").spent_seed == fingerprint(seed)
     assert keeper.refresh(reason="test").error is None  # the chain goes on; the seed stays recorded
     assert keeper.store.load("c1").spent_seed == fingerprint(seed)
+
+
+def issued_seed(server, clock, tmp_path):
+    issuer = keeper_for(server, clock, tmp_path / "issuer", "password", username="alice", password="alice-password")
+    issuer.run_due()
+    return issuer.state.refresh_token
+
+
+def test_a_refused_chain_with_a_spent_seed_says_both(server, clock, tmp_path):
+    seed = issued_seed(server, clock, tmp_path)
+    keeper = keeper_for(server, clock, tmp_path, "refresh_token", refresh_token=seed)
+    assert keeper.refresh(reason="test").error is None
+    server.fail_next(status=400, body='{"error": "invalid_grant"}')  # the held refresh token is refused
+    outcome = keeper.refresh(reason="test")
+    assert outcome.fell_back == "invalid_grant" and outcome.error.error == "spent_refresh_token"
+    assert outcome.error.message == ("the held refresh token was refused (invalid_grant) and the refresh token in "
+                                     "the source was already spent; not presenting it again")
+    assert keeper.state.alert == f"spent_refresh_token: {outcome.error.message}; put a new refresh token in the source"
+
+
+def test_an_aged_chain_from_before_seeds_were_recorded_goes_back_to_the_seed(server, clock, tmp_path):
+    seed = issued_seed(server, clock, tmp_path)
+    older = issued_seed(server, clock, tmp_path / "older")  # held, but with no record of a spent seed
+    keeper = keeper_for(server, clock, tmp_path, "refresh_token", refresh={"refresh_token_lifetime": 100},
+                        refresh_token=seed)
+    keeper.state.refresh_token, keeper.state.refresh_token_obtained_at = older, clock() - 101
+    assert keeper.state.spent_seed is None
+    assert keeper.refresh(reason="test").error is None
+    assert keeper.state.spent_seed == fingerprint(seed)
+
+
+def test_a_password_clients_source_refresh_token_is_never_taken_for_a_spent_seed(server, clock, tmp_path):
+    keeper = keeper_for(server, clock, tmp_path, "password", refresh={"strategy": "reissue"}, username="alice",
+                        password="alice-password", refresh_token="rt-in-the-source-too")
+    server.fail_next(status=400, body='{"error": "invalid_grant"}')  # say, the password was being changed
+    assert keeper.refresh(reason="test").error.error == "invalid_grant"
+    for _ in range(2):
+        outcome = keeper.refresh(reason="test")
+        assert outcome.error is None and outcome.grant == "password"
+    assert keeper.state.spent_seed is None
