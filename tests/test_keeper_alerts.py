@@ -61,6 +61,7 @@ def test_a_refused_seed_raises_the_invalid_grant_alert_and_is_never_presented_ag
         again = keeper.refresh(reason="test")
     assert server.stats["token_requests"] == requests  # a replay is not sent
     assert again.error.error == "spent_refresh_token" and again.error.retryable is False
+    assert again.error.client == "c1"
     assert keeper.state.alert == ("spent_refresh_token: the refresh token in the source was already spent; not "
                                   "presenting it again; put a new refresh token in the source")
     assert failed_line(caplog).levelno == logging.CRITICAL
