@@ -194,3 +194,26 @@ def test_a_write_whose_answer_was_lost_is_recognised_as_its_own_on_the_retry(tmp
     other.versions["billing"] = 1
     with pytest.raises(StaleStateError):  # the same state from another writer is not taken as its own
         other.save("billing", ClientState(access_token="at-2"))
+
+
+def test_an_item_without_a_version_is_read_as_version_0(tmp_path, endpoint):
+    name, db = make_table(endpoint)
+    db.put_item(TableName=name, Item={"pk": {"S": "client#billing"}})
+    with pytest.raises(StateError) as caught:
+        backend(tmp_path, endpoint, name).load("billing")
+    assert "record for client billing (version 0) is unreadable" in caught.value.message
+
+
+def test_a_fenced_write_names_the_client_and_says_nothing_was_written(tmp_path, endpoint):
+    from tokensmith.state import ClientState, FencedError
+
+    name, db = make_table(endpoint)
+    db.put_item(TableName=name, Item={"pk": {"S": "lease"}, "holder": {"S": "pod-a"}})
+    store = backend(tmp_path, endpoint, name)
+    store.lease_condition = {"Key": {"pk": {"S": "lease"}}, "ConditionExpression": "holder = :h",
+                             "ExpressionAttributeValues": {":h": {"S": "pod-b"}}}
+    with pytest.raises(FencedError) as caught:
+        store.save("billing", ClientState(access_token="at-never-stored"))
+    assert caught.value.client == "billing"
+    assert caught.value.message == "this replica no longer holds the leader lease; nothing was written"
+    assert "Item" not in db.get_item(TableName=name, Key={"pk": {"S": "client#billing"}}, ConsistentRead=True)
