@@ -116,3 +116,70 @@ def test_without_introspection_a_revoked_new_token_cannot_be_seen_and_is_not_cla
         result = rotate(keeper, tmp_path)
         assert [step["step"] for step in result["steps"]] == ["refresh_exchange", "revoke_access_token"]
         assert result["result"] == "rotated" and keeper.state.alert is None
+
+
+def test_discovered_revocation_and_introspection_endpoints_are_used(keeps, tmp_path):
+    keeper = make_keeper(keeps, tmp_path, issuer=keeps.issuer, auth_style="post")
+    assert keeper.client.revocation_url is None and keeper.client.introspection_url is None
+    keeper.run_due()
+    old = keeper.state.access_token
+    result = rotate(keeper, tmp_path)
+    assert not keeps.is_active(old)
+    assert result["steps"] == [LEFT_ACTIVE, {"step": "revoke_access_token", "result": "ok"}]
+    assert (result["result"], result["invalidation"], result["verification"]) == ("rotated", "revocation", "verified")
+
+
+class PurgingSink:
+    """A sink with a version history (as Vault KV v2 and AWS Secrets Manager have)."""
+
+    type = "memory"
+
+    def __init__(self, name, fail=False):
+        self.name, self.fail, self.tokens, self.purged = name, fail, [], []
+
+    def check(self):
+        pass
+
+    def write(self, token):
+        self.tokens.append(token)
+
+    def holds(self, token):
+        return bool(self.tokens) and self.tokens[-1].access_token == token.access_token
+
+    def purge(self, access_token):
+        from tokensmith.errors import SinkError
+
+        if self.fail:
+            raise SinkError("the store refused to destroy versions", client="kc")
+        self.purged.append(access_token)
+        return "1 old version destroyed"
+
+
+def test_the_old_token_is_purged_from_every_sink_that_keeps_a_history(tmp_path):
+    from fakes import MemorySink
+
+    with OAuthServer(access_lifetime=300) as server:
+        sinks = [MemorySink("memory:a"), PurgingSink("history:b"), PurgingSink("history:c", fail=True)]
+        keeper = make_keeper(server, tmp_path, sinks=sinks)
+        keeper.run_due()
+        old = keeper.state.access_token
+        result = rotate(keeper, tmp_path)
+        assert result["purged"] == {"memory:a": "nothing to remove: no version history",
+                                    "history:b": "1 old version destroyed",
+                                    "history:c": "not removed: the store refused to destroy versions"}
+        assert sinks[1].purged == [old]
+
+
+def test_an_audit_log_made_wider_is_tightened_to_0600(tmp_path):
+    import os
+    import stat
+
+    from tokensmith.compromise import write_audit_line
+
+    path = tmp_path / "audit" / "audit.log"
+    path.parent.mkdir(mode=0o700)
+    path.write_text('{"earlier": 1}\n')
+    os.chmod(path, 0o644)
+    write_audit_line(path, {"client": "kc", "result": "rotated"})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path.read_text().splitlines()[-1] == '{"client": "kc", "result": "rotated"}'
