@@ -183,3 +183,50 @@ def test_an_audit_log_made_wider_is_tightened_to_0600(tmp_path):
     write_audit_line(path, {"client": "kc", "result": "rotated"})
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert path.read_text().splitlines()[-1] == '{"client": "kc", "result": "rotated"}'
+
+
+def test_the_audit_record_also_goes_to_the_state_backend(tmp_path):
+    import json
+
+    from tokensmith.state import StateStore
+
+    class AuditingStore(StateStore):
+        def __init__(self, directory):
+            super().__init__(directory)
+            self.audit = []
+
+        def append_audit(self, record):
+            self.audit.append(record)
+
+    with OAuthServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path)
+        keeper.run_due()
+        keeper.store = AuditingStore(keeper.store.directory)
+        result = rotate(keeper, tmp_path)
+        line = json.loads((tmp_path / "kaudit" / "audit.log").read_text().splitlines()[-1])
+        assert keeper.store.audit == [line] and line["result"] == result["result"] == "rotated"
+
+
+def test_the_resource_check_goes_the_clients_way_not_the_environments(tmp_path, monkeypatch):
+    import socket
+
+    from test_compromise import Resource
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with OAuthServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, proxy="none")
+        keeper.run_due()
+        old = keeper.state.access_token
+        r = Resource({f"Bearer {old}": (401, {})}, default=200)  # the old token refused, any other taken
+        try:
+            result = rotate(keeper, tmp_path, verify_url=r.url)
+        finally:
+            r.close()
+        assert r.seen == [f"Bearer {old}", f"Bearer {keeper.state.access_token}"]
+        assert result["verify_url"] == "verified"
