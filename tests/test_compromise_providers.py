@@ -230,3 +230,21 @@ def test_the_resource_check_goes_the_clients_way_not_the_environments(tmp_path, 
             r.close()
         assert r.seen == [f"Bearer {old}", f"Bearer {keeper.state.access_token}"]
         assert result["verify_url"] == "verified"
+
+
+class DenyingIntrospectionServer(OAuthServer):
+    """Introspection says every token is inactive (a provider that answers so for tokens it does not
+    track there): without a revocation nothing can have taken the new token."""
+
+    def _introspect(self, query, headers, body):
+        super()._introspect(query, headers, body)
+        return {"active": False}
+
+
+def test_the_new_token_is_checked_only_after_a_revocation(tmp_path):
+    with DenyingIntrospectionServer(access_lifetime=300) as server:
+        keeper = make_keeper(server, tmp_path, introspection_url=server.introspection_url)
+        keeper.run_due()
+        result = rotate(keeper, tmp_path)
+        assert result["steps"] == [{"step": "refresh_exchange", "result": "ok"}]
+        assert (result["result"], result["exit_code"]) == ("rotated", 0) and keeper.state.alert is None
