@@ -248,3 +248,37 @@ def test_the_new_token_is_checked_only_after_a_revocation(tmp_path):
         result = rotate(keeper, tmp_path)
         assert result["steps"] == [{"step": "refresh_exchange", "result": "ok"}]
         assert (result["result"], result["exit_code"]) == ("rotated", 0) and keeper.state.alert is None
+
+
+def test_the_audit_record_goes_to_the_log_stream_and_a_store_failure_is_logged(tmp_path, caplog):
+    import json
+    import logging
+
+    from tokensmith.compromise import append_audit
+    from tokensmith.errors import StateError
+
+    class FailingStore:
+        def __init__(self):
+            self.seen = []
+
+        def append_audit(self, record):
+            self.seen.append(record)
+            raise StateError("dynamodb table t: audit write: cannot reach the AWS endpoint", client="kc")
+
+    result = {"time": 1_800_000_000.0, "client": "kc", "operator": {"uid": 0, "user": "test"}, "old_token": "fp-old",
+              "new_token": "fp-new", "steps": [], "invalidation": "revocation", "verification": "verified",
+              "sinks": {}, "hooks": [], "result": "rotated", "exit_code": 0, "coalesced": False}
+    store = FailingStore()
+    with caplog.at_level(logging.INFO, logger="tokensmith.compromise"):
+        append_audit(tmp_path / "audit.log", result, store=store)
+    [audit] = [r for r in caplog.records if getattr(r, "event", None) == "audit"]
+    record = json.loads(audit.getMessage())
+    assert audit.getMessage() == json.dumps(record, sort_keys=True, separators=(",", ":"))
+    assert record["time"] == "2027-01-15T08:00:00Z" and record["client"] == "kc" and "coalesced" not in record
+    assert audit.client == "kc" and audit.levelno == logging.INFO
+    assert store.seen == [record]
+    assert json.loads((tmp_path / "audit.log").read_text()) == record
+    [failed] = [r for r in caplog.records if getattr(r, "event", None) == "audit_store_failed"]
+    assert failed.levelno == logging.ERROR and failed.client == "kc"
+    assert failed.getMessage() == ("audit record not stored in the state backend (it is in the log stream): "
+                                   "dynamodb table t: audit write: cannot reach the AWS endpoint")
