@@ -282,3 +282,29 @@ def test_the_audit_record_goes_to_the_log_stream_and_a_store_failure_is_logged(t
     assert failed.levelno == logging.ERROR and failed.client == "kc"
     assert failed.getMessage() == ("audit record not stored in the state backend (it is in the log stream): "
                                    "dynamodb table t: audit write: cannot reach the AWS endpoint")
+
+
+def test_verify_url_refuses_a_non_http_url_by_name():
+    from tokensmith.compromise import verify_with_resource
+
+    assert verify_with_resource("ftp://127.0.0.1/r", "old", "new", timeout=5) == "error: not an http(s) URL"
+
+
+def test_verify_url_honours_no_proxy_for_the_resource(monkeypatch):
+    import socket
+
+    from test_compromise import Resource
+    from tokensmith.compromise import verify_with_resource
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1")
+    r = Resource({"Bearer new": (200, {})})
+    try:
+        assert verify_with_resource(r.url, "old", "new", timeout=5) == "verified"
+    finally:
+        r.close()
