@@ -134,3 +134,44 @@ def test_a_password_clients_source_refresh_token_is_never_taken_for_a_spent_seed
         outcome = keeper.refresh(reason="test")
         assert outcome.error is None and outcome.grant == "password"
     assert keeper.state.spent_seed is None
+
+
+class FlakyStore(StateStore):
+    """A state directory that refuses writes while `down` (a full or read-only disk)."""
+
+    down = False
+
+    def save(self, client, state, *, sync_dir=True):
+        from tokensmith.errors import StateError
+
+        if self.down:
+            raise StateError("cannot write state file: No space left on device", client=client)
+        super().save(client, state, sync_dir=sync_dir)
+
+
+def flaky_keeper(server, clock, tmp_path, seed):
+    keeper = keeper_for(server, clock, tmp_path, "refresh_token", refresh_token=seed)
+    keeper.store = FlakyStore(keeper.store.directory)
+    return keeper
+
+
+def test_a_spent_seed_error_is_retried_while_the_dropped_chain_is_not_durable(server, clock, tmp_path):
+    keeper = flaky_keeper(server, clock, tmp_path, issued_seed(server, clock, tmp_path))
+    assert keeper.refresh(reason="test").error is None
+    keeper.store.down = True
+    server.fail_next(status=400, body='{"error": "invalid_grant"}')  # the held refresh token is refused
+    outcome = keeper.refresh(reason="test")
+    assert keeper.state_unsaved and outcome.error.error == "spent_refresh_token"
+    assert outcome.error.retryable is True and keeper.state.alert is None
+
+
+def test_once_an_unsaved_chain_is_saved_a_spent_seed_error_is_final(server, clock, tmp_path):
+    keeper = flaky_keeper(server, clock, tmp_path, issued_seed(server, clock, tmp_path))
+    assert keeper.refresh(reason="test").error is None
+    keeper.store.down = True
+    assert keeper.refresh(reason="test").error is None and keeper.state_unsaved  # new chain, not durable
+    keeper.store.down = False
+    server.fail_next(status=400, body='{"error": "invalid_grant"}')  # saved first, then refused
+    outcome = keeper.refresh(reason="test")
+    assert keeper.state_unsaved is False and outcome.error.error == "spent_refresh_token"
+    assert outcome.error.retryable is False and keeper.state.alert.startswith("spent_refresh_token: ")
