@@ -308,3 +308,50 @@ def test_verify_url_honours_no_proxy_for_the_resource(monkeypatch):
         assert verify_with_resource(r.url, "old", "new", timeout=5) == "verified"
     finally:
         r.close()
+
+
+class HeaderResource:
+    """A resource that records each request's headers and answers 200 (401 to the token "old")."""
+
+    def __init__(self, size=0):
+        import http.server
+        import threading
+
+        resource = self
+        self.size, self.headers = size, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                resource.headers.append({k.lower(): v for k, v in self.headers.items()})
+                old = self.headers.get("Authorization") == "Bearer old"
+                body = b"" if old else b"x" * resource.size
+                self.send_response(401 if old else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/r"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_the_resource_sees_the_bearer_and_nothing_else_of_ours():
+    from tokensmith.compromise import verify_with_resource
+
+    r = HeaderResource()
+    try:
+        assert verify_with_resource(r.url, "old", "new", timeout=5, proxy="none") == "verified"
+    finally:
+        r.close()
+    for headers, token in zip(r.headers, ("old", "new")):
+        headers.pop("host"), headers.pop("connection", None)
+        assert headers == {"authorization": f"Bearer {token}", "accept-encoding": "identity",
+                           "user-agent": "tokensmith"}
+
