@@ -333,3 +333,55 @@ def test_the_daemon_lock_file_is_created_0600(tmp_path):
         assert isinstance(fd, int) and mode_of(store.directory / "daemon.lock") == 0o600
     finally:
         os.close(fd)
+
+
+def test_a_directory_at_the_state_path_is_a_state_error_naming_the_client(store):
+    path = store.path("billing-api")
+    path.mkdir()
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(StateError) as info:
+        store.load("billing-api")
+    assert info.value.client == "billing-api"
+    assert info.value.message == f"cannot read state file {path}: Is a directory"
+    assert set(os.listdir("/proc/self/fd")) <= before  # the descriptor open() refused is closed
+    assert path.is_dir()
+
+
+def test_a_read_error_is_a_state_error_naming_the_client(store, monkeypatch):
+    import builtins
+
+    from tokensmith.state import file as state_file
+
+    class FailingRead:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def read(self):
+            raise OSError(5, "Input/output error")
+
+    store.save("billing-api", full_state())
+    monkeypatch.setattr(state_file, "open", lambda fd, mode: FailingRead(builtins.open(fd, mode)), raising=False)
+    with pytest.raises(StateError) as info:
+        store.load("billing-api")
+    assert info.value.client == "billing-api"
+    assert info.value.message == f"cannot read state file {store.path('billing-api')}: Input/output error"
+
+
+def test_the_saved_file_holds_exactly_the_state_fields_and_the_version(store):
+    store.save("billing-api", full_state())
+    data = json.loads(store.path("billing-api").read_text())
+    assert set(data) == {f for f in ClientState.__slots__} | {"version"}
+    assert data["sinks_written"] == {"file:/run/t/a": "abc123def456"}
+
+
+def test_load_all_goes_on_past_a_damaged_record_in_the_middle(store):
+    store.save("a", ClientState(access_token="t-a"))
+    store.path("b").write_text("{not json")
+    store.save("c", ClientState(access_token="t-c"))
+    assert sorted(store.load_all()) == ["a", "c"]

@@ -307,3 +307,110 @@ def test_umask_000_creates_parents_0755_and_private_files(tmp_path, server):
         assert mode_of(project.token_path("u")) == 0o600
     finally:
         assert daemon.stop() == 0
+
+
+# ---- the same checks in-process, on StateStore itself (the daemon tests above run it in a child)
+
+OTHER_UID = 1  # neither this user (root) nor root: the owner checks accept exactly those two
+
+
+@pytest.fixture
+def store(tmp_path):
+    made = StateStore(tmp_path / "state")
+    made.prepare()
+    return made
+
+
+def test_a_state_directory_owned_by_any_other_uid_is_refused_naming_it(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, OTHER_UID, OTHER_UID)
+    with pytest.raises(StateError) as info:
+        StateStore(state).prepare()
+    assert info.value.message == (f"state directory {state} is owned by uid {OTHER_UID}, not by this user "
+                                  f"(uid {os.geteuid()}); refusing to use it")
+    assert os.listdir(state) == []
+
+
+def test_a_state_file_owned_by_any_other_uid_is_set_aside_naming_it(store):
+    path = store.path("c")
+    plant_state(path)
+    os.chown(path, OTHER_UID, OTHER_UID)
+    with pytest.raises(StateError) as info:
+        store.load("c")
+    [aside] = [name for name in os.listdir(store.directory) if name.startswith("c.json.refused-")]
+    assert info.value.client == "c"
+    assert info.value.message == (f"state file {path} is owned by uid {OTHER_UID}, not by this user; it was moved "
+                                  f"to {aside} and is not used; a new token will be obtained")
+    assert not path.exists()
+
+
+def test_a_state_file_owned_by_root_is_accepted(store):
+    assert os.geteuid() == 0  # as root this is also "this user"; the check accepts root-owned files by design
+    store.save("c", ClientState(access_token="mine"))
+    os.chown(store.path("c"), 0, 0)
+    assert store.load("c").access_token == "mine"
+
+
+def test_a_symlinked_state_file_is_set_aside_and_its_target_left_alone(store, tmp_path):
+    source = tmp_path / "planted.json"
+    plant_state(source)
+    path = store.path("c")
+    path.symlink_to(source)
+    with pytest.raises(StateError) as info:
+        store.load("c")
+    [aside] = [name for name in os.listdir(store.directory) if name.startswith("c.json.refused-")]
+    assert info.value.client == "c"
+    assert info.value.message == (f"state file {path} is a symlink; it was moved to {aside} and is not used; "
+                                  f"a new token will be obtained")
+    assert (store.directory / aside).is_symlink() and json.loads(source.read_text())["access_token"] == PLANTED
+
+
+@pytest.mark.timeout(10)  # a blocking open of the FIFO fails the test instead of hanging it
+def test_a_fifo_state_file_is_set_aside_with_its_reason(store):
+    path = store.path("c")
+    os.mkfifo(path, 0o600)
+    with pytest.raises(StateError) as info:
+        store.load("c")
+    [aside] = [name for name in os.listdir(store.directory) if name.startswith("c.json.refused-")]
+    assert info.value.message == (f"state file {path} is not a regular file; it was moved to {aside} and is not "
+                                  f"used; a new token will be obtained")
+
+
+def test_a_planted_file_that_cannot_be_moved_aside_is_still_refused(store):
+    path = store.path("c")
+    plant_state(path)
+    os.chown(path, OTHER_UID, OTHER_UID)
+    now = int(time.time())
+    for second in range(now - 1, now + 30):  # every name the move could take is a non-empty directory
+        blocker = store.directory / f"c.json.refused-{second}"
+        blocker.mkdir()
+        (blocker / "x").touch()
+    with pytest.raises(StateError) as info:
+        store.load("c")
+    assert info.value.client == "c"
+    assert info.value.message == (f"state file {path} is owned by uid {OTHER_UID}, not by this user and could not "
+                                  f"be moved aside (Is a directory); it is not used")
+    assert json.loads(path.read_text())["access_token"] == PLANTED
+
+
+def test_a_planted_lock_symlink_is_refused_in_process_and_creates_nothing(store, tmp_path):
+    target = tmp_path / "created-by-root"
+    lock = store.directory / "c.lock"
+    lock.symlink_to(target)
+    with pytest.raises(StateError) as info:
+        with store.client_lock("c"):
+            pass
+    assert info.value.client == "c"
+    assert info.value.message == f"lock file {lock} is a symlink; remove it"
+    assert not target.exists()
+
+
+def test_a_lock_path_that_cannot_be_opened_is_a_state_error_naming_the_client(store):
+    lock = store.directory / "c.lock"
+    lock.mkdir()
+    with pytest.raises(StateError) as info:
+        with store.client_lock("c"):
+            pass
+    assert info.value.client == "c"
+    assert info.value.message == f"cannot open lock file {lock}: Is a directory"
