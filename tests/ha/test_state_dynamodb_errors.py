@@ -204,6 +204,22 @@ def test_an_item_without_a_version_is_read_as_version_0(tmp_path, endpoint):
     assert "record for client billing (version 0) is unreadable" in caught.value.message
 
 
+def test_an_item_without_a_version_is_replaced_by_the_next_save_and_only_once(tmp_path, endpoint):
+    import json
+
+    from tokensmith.state import ClientState, StaleStateError
+
+    name, db = make_table(endpoint)
+    db.put_item(TableName=name, Item={"pk": {"S": "client#billing"}, "state": {"S": "{}"}})  # written by hand
+    first, second = backend(tmp_path, endpoint, name), backend(tmp_path / "b", endpoint, name)
+    assert first.load_all() == {} and second.load_all() == {}  # unreadable: each starts afresh at version 0
+    first.save("billing", ClientState(access_token="at-first"))
+    stored = db.get_item(TableName=name, Key={"pk": {"S": "client#billing"}}, ConsistentRead=True)["Item"]
+    assert stored["version"]["N"] == "1" and json.loads(stored["state"]["S"])["access_token"] == "at-first"
+    with pytest.raises(StaleStateError):  # both read version 0: the second writer is stale
+        second.save("billing", ClientState(access_token="at-second"))
+
+
 def test_a_fenced_write_names_the_client_and_says_nothing_was_written(tmp_path, endpoint):
     from tokensmith.state import ClientState, FencedError
 

@@ -87,7 +87,8 @@ class DynamoStateStore(SharedStateStore):
         if cas:
             condition = {"ConditionExpression": "version = :v", "ExpressionAttributeValues": {":v": {"N": str(cas)}}}
         else:
-            condition = {"ConditionExpression": "attribute_not_exists(pk)"}
+            # version 0 is also an item without one (written by hand): replaceable, once
+            condition = {"ConditionExpression": "attribute_not_exists(pk) OR attribute_not_exists(version)"}
         lease = self.lease_condition
         try:
             if lease is None:
