@@ -127,9 +127,6 @@ class DynamoStateStore(SharedStateStore):
                 break
         return items[:limit]
 
-    def _list(self) -> list[str]:
-        return sorted(item["pk"]["S"][len(CLIENT):] for item in self._scan(CLIENT))
-
     def _put_audit(self, key: str, record: dict) -> None:
         stamp, _, rest = key.partition("-")
         client, _, random = rest.rpartition("-")

@@ -2,8 +2,10 @@
 client was last seen at (the compare-and-set base of every write), fencing, local locks.
 
 A subclass provides _read(client) -> (record | None, version), _write(client, record, cas) ->
-new version or None on a conflict, _list() -> client names, _put_audit(key, record) and check().
-Version 0 means "no record": a write with cas 0 succeeds only if nobody has created one."""
+new version or None on a conflict, _list() -> client names (or its own _read_all(), as dynamodb's one
+scan), _put_audit(key, record) and check().
+Version 0 means "no record" (or one without a version): a write with cas 0 succeeds only if nobody
+has created a versioned one."""
 
 from __future__ import annotations
 
