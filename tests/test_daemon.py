@@ -217,3 +217,45 @@ def test_first_tokens_come_before_the_scheduler_and_each_client_gets_one_job(tmp
             assert all(due[name] == pytest.approx(daemon.keepers[name].next_due(), abs=1) for name in names)
         finally:
             daemon.stop()
+
+
+def test_a_keeper_replaced_by_a_reload_hands_its_refresh_token_to_its_successor(tmp_path):
+    """A rotation or a scheduled run that looked the client up just before a reload replaced it must
+    not spend the refresh token the new keeper holds too: it is sent to the new keeper."""
+    from tokensmith.compromise import rotate_compromised
+    from tokensmith.config import load_settings
+    from tokensmith.daemon import Daemon
+
+    with OAuthServer(access_lifetime=60) as server:
+        project = Project(tmp_path, server)
+        project.add_client("c", grant="password", users={"u": "pw"})
+        project.add_client("gone")
+        daemon = Daemon(load_settings(project.write()), project.config, serve=False)
+        daemon.build()
+        try:
+            stale = daemon.keepers["c"]
+            assert stale.refresh(reason="first").ok
+            removed = daemon.keepers["gone"]
+            project.clients[0]["refresh"]["min_lead"] = 1
+            project.clients.pop()
+            project.write()
+            assert daemon.reload()
+            successor = daemon.keepers["c"]
+            assert successor is not stale
+
+            forwarded = stale.refresh(reason="manual", exchange=True)
+            assert forwarded.ok and forwarded.fell_back is None and forwarded.keeper is successor
+            result = rotate_compromised(stale)
+            assert result["result"] == "rotated" and result["steps"] == [{"step": "refresh_exchange", "result": "ok"}]
+            again = successor.refresh(reason="manual", exchange=True)
+            assert again.ok and again.fell_back is None
+            assert server.stats["refresh_exchanges"] == 3 and server.stats["refresh_reuse"] == 0
+            assert server.is_active(project.token("c"))
+            assert successor.last_compromise is not None and stale.last_compromise is None
+
+            issued = server.stats["issued"]
+            late = removed.refresh(reason="manual")
+            assert not late.ok and "removed from the config" in str(late.error)
+            assert server.stats["issued"] == issued
+        finally:
+            daemon.stop()

@@ -45,7 +45,7 @@ def rotate_clients(daemon, names, *, compromised=False, accept_unrevoked=False, 
             keeper, accept_unrevoked=accept_unrevoked, reload_credentials=reload_credentials,
             operator=operator_identity(uid), audit_path=daemon.settings.audit_log_path,
             metrics=daemon.metrics,
-            on_refreshed=(lambda name=name, keeper=keeper: daemon._reschedule(name, keeper.next_due()))
+            on_refreshed=(lambda name=name, keeper=keeper: daemon._reschedule(name, keeper.current().next_due()))
             if daemon.scheduler else None)
         results.append({key: value for key, value in result.items() if key != "finished_at"})
     return results

@@ -109,9 +109,11 @@ def verify_with_resource(url: str, old_token: str, new_token: str, *, timeout: f
 
 def rotate_compromised(keeper, *, accept_unrevoked: bool = False, reload_credentials: bool = False,
                        operator: dict | None = None, audit_path=None, metrics=None, on_refreshed=None) -> dict:
+    keeper = keeper.current()  # a reload may have replaced it since it was looked up
     target = fingerprint(keeper.state.access_token) if keeper.state.access_token else None
     requested_at = time.time()
     with _compromise_lock(keeper.name):
+        keeper = keeper.current()
         last = keeper.last_compromise
         if last and target and last["old_token"] == target and last["finished_at"] >= requested_at:
             return dict(last, coalesced=True)
@@ -119,7 +121,7 @@ def rotate_compromised(keeper, *, accept_unrevoked: bool = False, reload_credent
         result = _rotate(keeper, accept_unrevoked, reload_credentials, keeper.client.verify_url, operator,
                          on_refreshed)
         result["finished_at"] = time.time()
-        keeper.last_compromise = result
+        keeper.current().last_compromise = result
     append_audit(audit_path, result, store=keeper.store)
     if metrics is not None and hasattr(metrics, "compromise_rotation"):
         metrics.compromise_rotation(keeper.name, result["result"])
@@ -139,6 +141,7 @@ def _rotate(keeper, accept_unrevoked, reload_credentials, verify_url, operator, 
     steps = result["steps"]
 
     outcome = keeper.refresh(reason="compromised", exchange=True, reload_credentials=reload_credentials)
+    keeper = outcome.keeper or keeper  # its successor, when a reload replaced it meanwhile
     if on_refreshed is not None:
         on_refreshed()
     old = outcome.old_token  # what was current when the rotation took the lock

@@ -275,7 +275,7 @@ class Daemon:
         keeper = self.keepers[name]
         outcome = keeper.refresh(**kwargs)
         if self.scheduler is not None:
-            self._reschedule(name, keeper.next_due())
+            self._reschedule(name, keeper.current().next_due())
         return outcome
 
     def _read_shared_states(self) -> None:
@@ -430,8 +430,8 @@ class Daemon:
             removed = [name for name in self.keepers if name not in new]
             for name in removed:
                 keeper = self.keepers.pop(name)
-                with keeper.lock:
-                    pass
+                with keeper.lock:  # a refresh in flight finishes; none starts on it afterwards
+                    keeper.hand_over(None)
                 if self.scheduler is not None:
                     try:
                         self.scheduler.remove_job(name)
@@ -452,6 +452,8 @@ class Daemon:
                         for sink in keeper.sinks:
                             if sink.name in before and before[sink.name] != getattr(sink, "config", None):
                                 keeper.state.sinks_written.pop(sink.name, None)
+                        self.keepers[name] = keeper
+                        old.hand_over(keeper)  # before the lock is free: the old one never refreshes again
                 self.keepers[name] = keeper
                 if self.scheduler is not None and (self.leadership is None or self.leadership.active):
                     self._add_job(name, keeper)

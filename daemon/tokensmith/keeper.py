@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tokensmith.errors import InternalError, SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
+from tokensmith.errors import ConfigError, InternalError, SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
 from tokensmith.redact import Redactor
 from tokensmith.state import ClientState, FencedError, StaleStateError, StateStore
 from tokensmith.tokens import Token, fingerprint
@@ -52,6 +52,7 @@ class Outcome:
     sinks: dict[str, str | None] = field(default_factory=dict)
     hooks: list[dict] = field(default_factory=list)
     error: TokensmithError | None = None
+    keeper: Keeper | None = field(default=None, repr=False, compare=False)  # the one that did it (see hand_over)
 
     @property
     def sinks_ok(self) -> bool:
@@ -62,7 +63,7 @@ class Keeper:
     # slots: one keeper per client, thousands per daemon
     __slots__ = ("client", "name", "source", "sinks", "token_client", "store", "clock", "rng", "metrics", "hooks",
                  "lock", "creds", "failures", "sink_failures", "retry_at", "sink_retry_at", "refresh_at", "state",
-                 "state_unsaved", "last_compromise", "busy_since", "leader")
+                 "state_unsaved", "last_compromise", "busy_since", "leader", "retired", "successor")
 
     def __init__(self, client, source, sinks, token_client, store: StateStore, *, clock=time.time,
                  rng: random.Random | None = None, metrics=None, hooks=None):
@@ -88,6 +89,8 @@ class Keeper:
         self.last_compromise = None
         self.busy_since: float | None = None  # when the run holding the lock began; the daemon spots a stuck one
         self.leader = None  # with a shared state backend: the leadership (before_request, fence, fenced)
+        self.retired = False
+        self.successor: Keeper | None = None
 
     # ---- start-up
 
@@ -179,11 +182,31 @@ class Keeper:
             delay = max(delay, retry_after)
         return delay
 
+    # ---- replacement by a config reload
+
+    def hand_over(self, successor: Keeper | None) -> None:
+        """Under self.lock, by a reload: this keeper refreshes nothing any more. The successor has
+        loaded the state this one last saved; a caller that looked this keeper up before the reload
+        is sent there, since two keepers holding one refresh token would spend it twice.
+        None: the client was removed."""
+        self.retired = True
+        self.successor = successor
+        if successor is not None:
+            successor.last_compromise = self.last_compromise
+
+    def current(self) -> Keeper:
+        keeper = self
+        while keeper.successor is not None:
+            keeper = keeper.successor
+        return keeper
+
     # ---- work
 
     def run_due(self) -> float:
         """Called by the scheduler: do whatever is due, return when to be called next."""
         with self.lock:
+            if self.retired:  # looked up just before a reload replaced it; the successor has its own job
+                return self.current().next_due()
             now = self.busy_since = self.clock()
             try:
                 if now >= self.next_due() and (self.failures or now >= self.refresh_at or not self.state.access_token):
@@ -197,11 +220,16 @@ class Keeper:
     def refresh(self, *, reason: str = "manual", exchange: bool = False, reload_credentials: bool = False) -> Outcome:
         """A refresh on request (CLI, control socket, compromise). Waits for one already running."""
         with self.lock:
-            self.busy_since = self.clock()
-            try:
-                return self._refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
-            finally:
-                self.busy_since = None
+            if not self.retired:
+                self.busy_since = self.clock()
+                try:
+                    return self._refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
+                finally:
+                    self.busy_since = None
+        if self.successor is None:
+            return Outcome(self.name, False, reason, error=ConfigError("the client was removed from the config",
+                                                                       client=self.name))
+        return self.successor.refresh(reason=reason, exchange=exchange, reload_credentials=reload_credentials)
 
     def _credentials(self, fresh: bool):
         if self.creds is not None and not fresh:
@@ -302,7 +330,7 @@ class Keeper:
     def _refresh(self, *, reason: str, exchange: bool = False, reload_credentials: bool = False) -> Outcome:
         started = time.monotonic()
         old = self.state.token
-        outcome = Outcome(self.name, False, reason, old_token=old)
+        outcome = Outcome(self.name, False, reason, old_token=old, keeper=self)
         try:
             with self.store.client_lock(self.name):
                 self._reload_state_if_changed()

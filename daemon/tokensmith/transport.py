@@ -17,6 +17,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+from tokensmith import resolver
 from tokensmith.proxy import Proxy, ProxyError
 
 INVALID_TARGET = re.compile(r"[^\x21-\x7e]")
@@ -353,7 +354,7 @@ class HttpPool:
     @staticmethod
     def _tcp(host: str, port: int, deadline: float) -> socket.socket:
         error: OSError | None = None
-        for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        for family, kind, proto, _, address in resolver.getaddrinfo(host, port, deadline):
             sock = socket.socket(family, kind, proto)
             try:
                 sock.settimeout(remaining(deadline))
