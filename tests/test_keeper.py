@@ -853,3 +853,20 @@ def test_sink_failures_count_up_and_an_unexpected_one_counts_too(server, clock, 
     other = make_keeper(server, clock, tmp_path / "other", sinks=[Broken("memory:broken")])
     other.run_due()
     assert other.sink_failures == 1 and other.sink_retry_at > clock()
+
+
+def test_a_retired_keeper_runs_nothing_and_hands_requests_to_its_successor(server, clock, tmp_path):
+    old = make_keeper(server, clock, tmp_path)
+    old.run_due()
+    successor = make_keeper(server, clock, tmp_path)  # loads the state the old one saved, as a reload does
+    later = make_keeper(server, clock, tmp_path)
+    old.hand_over(successor)
+    successor.hand_over(later)
+    assert old.current() is later and successor.current() is later and later.current() is later
+    clock.advance(590)
+    issued = server.stats["issued"]
+    assert old.run_due() == later.next_due() and server.stats["issued"] == issued, "a retired keeper refreshed"
+    outcome = old.refresh(reason="manual", exchange=True)
+    assert outcome.ok and outcome.keeper is later and outcome.fell_back is None
+    assert later.state.access_token == outcome.new_token.access_token and server.stats["refresh_reuse"] == 0
+    assert old.state.access_token != later.state.access_token
