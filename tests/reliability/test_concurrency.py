@@ -64,7 +64,7 @@ def test_many_clients_reloads_and_rotations_at_once(tmp_path, server, report):
         assert rotations and [output for code, output in rotations if code] == []
         assert server.stats["refresh_reuse"] == 0
         assert "invalid_grant" not in daemon.log and "rejected" not in daemon.log
-        report.record(f"{CLIENTS} clients refreshing every ~1 s, SIGHUP reload every 0.7 s, "
+        report.record(f"{CLIENTS} clients refreshing every ~1 s, a SIGHUP reload every ~0.5 s, "
                       "compromise rotations in a loop", "no refresh token presented twice; every rotation succeeded; all tokens "
                       "valid at the end",
                       refresh_exchanges=server.stats["refresh_exchanges"], reloads=reloads,
