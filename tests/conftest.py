@@ -3,7 +3,7 @@
 from fixtures_stores import *  # noqa: F401,F403  (OpenBao dev server, moto Secrets Manager)
 from fixtures_oauth import *  # noqa: F401,F403  (the stateful token endpoint)
 from security_report import pytest_collection_finish  # noqa: F401  (docs/security.md, scripts/security-report)
-from reliability_report import pytest_sessionfinish, report  # noqa: F401  (docs/reliability.md rows)
+from reliability_report import pytest_sessionfinish, pytest_sessionstart, report  # noqa: F401  (docs/reliability.md rows)
 from fixtures_raft import *  # noqa: F401,F403,E402  (a 3-node OpenBao cluster with Raft storage)
 
 import atexit as _atexit  # noqa: E402

@@ -443,7 +443,9 @@ class Daemon:
             added, changed = [], []
             for name, keeper in fresh.items():
                 old = self.keepers.get(name)
-                if old is not None:
+                if old is None:
+                    self.keepers[name] = keeper
+                else:
                     with old.lock:  # let a refresh in flight finish, then take over its state
                         keeper.load()
                         keeper.creds = None
@@ -454,7 +456,6 @@ class Daemon:
                                 keeper.state.sinks_written.pop(sink.name, None)
                         self.keepers[name] = keeper
                         old.hand_over(keeper)  # before the lock is free: the old one never refreshes again
-                self.keepers[name] = keeper
                 if self.scheduler is not None and (self.leadership is None or self.leadership.active):
                     self._add_job(name, keeper)
                 (changed if old else added).append(name)

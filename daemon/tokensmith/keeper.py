@@ -18,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tokensmith.errors import ConfigError, InternalError, SinkError, SourceError, StateError, TokenEndpointError, TokensmithError
+from tokensmith.errors import (ConfigError, InternalError, SinkError, SourceError, StateError, TokenEndpointError,
+                               TokensmithError)
 from tokensmith.redact import Redactor
 from tokensmith.state import ClientState, FencedError, StaleStateError, StateStore
 from tokensmith.tokens import Token, fingerprint
