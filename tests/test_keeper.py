@@ -9,7 +9,7 @@ import pytest
 from fakes import FailingSink, FakeClock, MemorySink, StaticSource
 from tokensmith.config import ClientConfig, FileSinkConfig
 from tokensmith.devserver import OAuthServer
-from tokensmith.errors import TokenEndpointError
+from tokensmith.errors import ConfigError, TokenEndpointError
 from tokensmith.keeper import Keeper
 from tokensmith.metrics import reason_label
 from tokensmith.sinks.file import FileSink
@@ -856,17 +856,50 @@ def test_sink_failures_count_up_and_an_unexpected_one_counts_too(server, clock, 
 
 
 def test_a_retired_keeper_runs_nothing_and_hands_requests_to_its_successor(server, clock, tmp_path):
-    old = make_keeper(server, clock, tmp_path)
+    reissue = {"strategy": "reissue"}  # only a requested exchange spends the refresh token
+    old = make_keeper(server, clock, tmp_path, refresh=reissue)
     old.run_due()
-    successor = make_keeper(server, clock, tmp_path)  # loads the state the old one saved, as a reload does
-    later = make_keeper(server, clock, tmp_path)
+    successor = make_keeper(server, clock, tmp_path, refresh=reissue)  # loads what the old one saved, as a reload does
+    later = make_keeper(server, clock, tmp_path, refresh=reissue)
     old.hand_over(successor)
     successor.hand_over(later)
     assert old.current() is later and successor.current() is later and later.current() is later
     clock.advance(590)
     issued = server.stats["issued"]
     assert old.run_due() == later.next_due() and server.stats["issued"] == issued, "a retired keeper refreshed"
-    outcome = old.refresh(reason="manual", exchange=True)
+    later.creds = later.source.read()
+    reads = later.source.reads
+    outcome = old.refresh(reason="compromised", exchange=True, reload_credentials=True)
     assert outcome.ok and outcome.keeper is later and outcome.fell_back is None
+    assert outcome.reason == "compromised" and outcome.grant == "refresh_token", "the request's arguments were lost"
+    assert later.source.reads == reads + 1, "reload_credentials was not passed on"
     assert later.state.access_token == outcome.new_token.access_token and server.stats["refresh_reuse"] == 0
     assert old.state.access_token != later.state.access_token
+
+
+def test_a_retired_keeper_passes_its_last_compromise_on(server, clock, tmp_path):
+    old, successor = make_keeper(server, clock, tmp_path), make_keeper(server, clock, tmp_path)
+    old.last_compromise = {"old_token": "abc", "finished_at": clock()}
+    old.hand_over(successor)
+    assert successor.last_compromise == old.last_compromise  # a repeated request is still coalesced
+
+
+def test_a_removed_clients_keeper_refuses_requests_without_a_token_request(server, clock, tmp_path):
+    keeper = make_keeper(server, clock, tmp_path)
+    keeper.hand_over(None)
+    outcome = keeper.refresh(reason="compromised", exchange=True)
+    assert (outcome.client, outcome.ok, outcome.reason, outcome.new_token) == ("c1", False, "compromised", None)
+    assert isinstance(outcome.error, ConfigError) and outcome.error.retryable is False
+    assert str(outcome.error) == "client c1: the client was removed from the config"
+    assert server.stats["token_requests"] == 0
+
+
+def test_keepers_without_their_own_generator_share_one_for_jitter(server, clock, tmp_path):
+    """The daemon passes no generator: thousands of keepers share one rather than hold ~2.5 KB each."""
+    config = ClientConfig(name="c1", token_url=server.token_url, source={"type": "env"},
+                          sinks=[{"type": "file", "path": "/unused"}])
+    store = StateStore(tmp_path / "state")
+    keepers = [Keeper(config, StaticSource(client_id="svc", client_secret="svc-secret"), [MemorySink()],
+                      TokenClient(config, clock=clock), store, clock=clock) for _ in range(2)]
+    assert keepers[0].rng is keepers[1].rng and isinstance(keepers[0].rng, random.Random)
+    assert 0 <= keepers[0].backoff(3, None) <= config.refresh.backoff_max
