@@ -221,7 +221,9 @@ def test_first_tokens_come_before_the_scheduler_and_each_client_gets_one_job(tmp
 
 def test_a_keeper_replaced_by_a_reload_hands_its_refresh_token_to_its_successor(tmp_path):
     """A rotation or a scheduled run that looked the client up just before a reload replaced it must
-    not spend the refresh token the new keeper holds too: it is sent to the new keeper."""
+    not spend the refresh token the new keeper holds too: it is sent to the new keeper. One for a client
+    the reload removed fails alone, without a token request."""
+    from tokensmith.commands import rotate_clients
     from tokensmith.compromise import rotate_compromised
     from tokensmith.config import load_settings
     from tokensmith.daemon import Daemon
@@ -257,5 +259,11 @@ def test_a_keeper_replaced_by_a_reload_hands_its_refresh_token_to_its_successor(
             late = removed.refresh(reason="manual")
             assert not late.ok and "removed from the config" in str(late.error)
             assert server.stats["issued"] == issued
+
+            # a batch (`rotate --all`) checked before the reload: the removed client fails alone
+            results = rotate_clients(daemon, ["gone", "c"])
+            assert [(r["client"], r["exit_code"]) for r in results] == [("gone", 1), ("c", 0)]
+            assert results[0]["message"] == "the client was removed from the config"
+            assert server.stats["issued"] == issued + 1 and server.stats["refresh_reuse"] == 0
         finally:
             daemon.stop()

@@ -6,8 +6,8 @@ from __future__ import annotations
 from tokensmith.compromise import EXIT_FAILED, EXIT_OK, EXIT_SINK_FAILED, operator_identity, rotate_compromised
 
 
-def rotate_plain(daemon, name: str) -> dict:
-    outcome = daemon.refresh_now(name, reason="manual")
+def rotate_plain(daemon, name: str, keeper=None) -> dict:
+    outcome = daemon.refresh_now(name, keeper, reason="manual")
     result = {"client": name, "grant": outcome.grant,
               "old_token": outcome.old_token.fingerprint if outcome.old_token else None,
               "new_token": outcome.new_token.fingerprint if outcome.new_token else None,
@@ -35,12 +35,16 @@ def rotate_clients(daemon, names, *, compromised=False, accept_unrevoked=False, 
                    uid=None) -> list[dict]:
     results = []
     for name in names:
+        keeper = daemon.keepers.get(name)
+        if keeper is None:  # removed by a reload since the request was checked: the others still rotate
+            results.append({"client": name, "result": "failed", "exit_code": EXIT_FAILED,
+                            "message": "the client was removed from the config"})
+            continue
         if not compromised:
             if reload_credentials:
-                daemon.keepers[name].creds = None
-            results.append(rotate_plain(daemon, name))
+                keeper.creds = None
+            results.append(rotate_plain(daemon, name, keeper))
             continue
-        keeper = daemon.keepers[name]
         result = rotate_compromised(
             keeper, accept_unrevoked=accept_unrevoked, reload_credentials=reload_credentials,
             operator=operator_identity(uid), audit_path=daemon.settings.audit_log_path,

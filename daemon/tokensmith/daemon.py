@@ -271,8 +271,8 @@ class Daemon:
 
     # ---- requests from the control socket and the CLI
 
-    def refresh_now(self, name: str, **kwargs):
-        keeper = self.keepers[name]
+    def refresh_now(self, name: str, keeper: Keeper | None = None, **kwargs):
+        keeper = keeper or self.keepers[name]
         outcome = keeper.refresh(**kwargs)
         if self.scheduler is not None:
             self._reschedule(name, keeper.current().next_due())
