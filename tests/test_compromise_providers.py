@@ -5,6 +5,8 @@ provider did."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from test_compromise import make_keeper, rotate
@@ -355,3 +357,41 @@ def test_the_resource_sees_the_bearer_and_nothing_else_of_ours():
         assert headers == {"authorization": f"Bearer {token}", "accept-encoding": "identity",
                            "user-agent": "tokensmith"}
 
+
+
+class ReloadedWhileWaiting:
+    """A keeper's lock as a config reload leaves it: whoever gets it next finds the keeper handed over."""
+
+    def __init__(self, keeper, successor):
+        self.keeper, self.successor, self.inner = keeper, successor, threading.Lock()
+
+    def __enter__(self):
+        self.inner.acquire()
+        if not self.keeper.retired:
+            self.keeper.hand_over(self.successor)
+
+    def __exit__(self, *exc):
+        self.inner.release()
+
+
+def test_a_rotation_whose_keeper_a_reload_replaced_is_finished_on_the_successor(tmp_path):
+    """Sinks, purge and the coalescing record are the new keeper's: the new token went to its sinks."""
+    import random
+
+    from fakes import MemorySink
+    from tokensmith.keeper import Keeper
+    from tokensmith.tokenclient import TokenClient
+
+    with OAuthServer(access_lifetime=300) as server:
+        old = make_keeper(server, tmp_path, sinks=[MemorySink("memory:before-reload")],
+                          introspection_url=server.introspection_url)
+        old.run_due()
+        successor = Keeper(old.client, old.source, [MemorySink("memory:after-reload")], TokenClient(old.client),
+                           old.store, rng=random.Random(2))
+        successor.load()
+        old.lock = ReloadedWhileWaiting(old, successor)
+        result = rotate(old, tmp_path)
+        assert (result["result"], result["verification"]) == ("rotated", "verified")
+        assert result["sinks"] == {"memory:after-reload": "ok"} and list(result["purged"]) == ["memory:after-reload"]
+        assert successor.last_compromise is result and old.last_compromise is None
+        assert server.is_active(successor.state.access_token) and server.stats["refresh_reuse"] == 0
