@@ -69,17 +69,18 @@ def test_a_submitted_job_is_parked_until_its_run_moves_it(scheduler):
 def test_a_move_earlier_than_the_planned_wakeup_wakes_the_loop(scheduler):
     ran = threading.Event()
     scheduler.add_job(lambda: ran.set(), UntilMoved(), id="a", next_run_time=utc(time.time() + 3600))
-    time.sleep(0.3)  # the loop now sleeps until the job's time
+    wait_for(lambda: scheduler._planned > time.time() + 3000)  # the loop now sleeps until the job's time
     assert not ran.is_set()
     assert scheduler.move("a", time.time())
-    assert ran.wait(1.0)
+    assert ran.wait(5.0)  # without the wake-up it would sleep for an hour
     assert not scheduler.move("missing", time.time())
 
 
 def test_a_move_later_than_the_planned_wakeup_leaves_the_loop_asleep(scheduler):
-    scheduler.add_job(lambda: None, UntilMoved(), id="soon", next_run_time=utc(time.time() + 2))
+    soon = time.time() + 10
+    scheduler.add_job(lambda: None, UntilMoved(), id="soon", next_run_time=utc(soon))
     scheduler.add_job(lambda: None, UntilMoved(), id="late", next_run_time=utc(time.time() + 3600))
-    time.sleep(0.3)
+    wait_for(lambda: abs(scheduler._planned - soon) < 1)  # asleep until "soon"
     before = len(scheduler.passes)
     for _ in range(20):
         assert scheduler.move("late", time.time() + 1800)
