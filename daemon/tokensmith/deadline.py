@@ -6,7 +6,8 @@ A call runs inside `limit(seconds)`; the connection classes below register the s
 one reaper thread shuts down (SHUT_RDWR) the sockets of a call still running at its deadline, which
 ends the blocked connect, send or recv with an error the caller reports as a timeout (Call.expired).
 Registering is a heap push under a lock; a finished call is only marked, and dropped from the heap
-when its deadline comes round.
+when its deadline comes round. The name lookup, which no socket timeout reaches, runs within the
+deadline too (WatchedConnection._new_conn).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+
+from tokensmith import resolver
 
 SLACK = 0.05  # deadlines this close together are handled in one wake-up (late, never early)
 
@@ -141,6 +144,33 @@ class WatchedConnection:
         super().connect()
         if call is not None and self.sock is not None:
             REAPER.watch(call, self.sock)
+
+    def _new_conn(self):
+        """The name lookup within the call's deadline as well (getaddrinfo has no timeout: tokensmith.resolver);
+        then urllib3 connects to each address in turn, as it would have. `_dns_host` is the name urllib3
+        resolves; `host` (SNI, the certificate check) is read only once this returns."""
+        from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+        call = current()
+        if call is None:
+            return super()._new_conn()
+        name = self._dns_host
+        try:
+            addresses = resolver.getaddrinfo(name, self.port, call.deadline)
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(self, f"name lookup of {self.host} timed out") from exc
+        error = None
+        for *_, address in addresses:
+            self._dns_host = address[0]
+            try:
+                return super()._new_conn()
+            except NewConnectionError as exc:  # refused or unreachable: the next address (a timeout ends it)
+                error = exc
+            finally:
+                self._dns_host = name
+        raise error or NewConnectionError(self, f"no address for {self.host}")
 
     def request(self, *args, **kwargs):
         call = current()

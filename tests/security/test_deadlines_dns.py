@@ -17,6 +17,7 @@ import threading
 
 import pytest
 
+from fixtures_stores import AWS_ENV
 from tokensmith.devserver import OAuthServer
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
@@ -42,6 +43,13 @@ PROBE = textwrap.dedent("""
                                       "source": {"type": "vault", "mount": "secret", "path": "p"}}])
         backends = Backends(settings)
         backends.vault()  # the client exists already: the time measured is the read's
+        call = build_source(settings.clients[0], backends).read
+    elif case == "aws":
+        settings = Settings(aws={"region": "us-east-1", "endpoint_url": url, "timeout": timeout},
+                            clients=[{"name": "slow-api", "token_url": "http://127.0.0.1:1/t", "sinks": sink,
+                                      "source": {"type": "aws", "secret_id": sys.argv[4]}}])
+        backends = Backends(settings)
+        backends.aws("secretsmanager")
         call = build_source(settings.clients[0], backends).read
     else:
         fields = {"proxy": sys.argv[4]} if case == "proxy" else {}
@@ -99,9 +107,11 @@ def silent_nameserver(tmp_path):
 
 def probe(resolv, *args) -> dict:
     """One exchange in a process whose /etc/resolv.conf is the given one (mount namespace of its own)."""
-    script = f'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+    script = 'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"'
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(AWS_ENV, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
     done = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(resolv), sys.executable, "-c", PROBE,
-                           *args], capture_output=True, text=True, timeout=25)
+                           *args], capture_output=True, text=True, timeout=25, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -148,4 +158,26 @@ def test_names_from_the_hosts_file_still_resolve_and_connect(silent_nameserver):
         server.add_client("cid", "s3cr3t-Client-7Hq2")
         url = server.token_url.replace("127.0.0.1", "localhost")
         result = probe(resolv, "token", url, "5")
+    assert result["ok"] is True, result
+
+
+@pytest.mark.security(threat="hostile secret store", claim="An AWS endpoint whose name never resolves fails the "
+                      "source read as a retryable timeout at its deadline (botocore's lookup, bounded by "
+                      "tokensmith's connection class).")
+def test_aws_lookup_ends_at_the_deadline(silent_nameserver):
+    resolv, queries = silent_nameserver
+    result = probe(resolv, "aws", "https://secretsmanager.tokensmith-dns.test:4566", str(TIMEOUT), "any")
+    assert result["type"] == "SourceError"
+    assert_lookup_timeout(result, queries)
+
+
+def test_aws_names_from_the_hosts_file_still_resolve_and_connect(silent_nameserver, moto_server):
+    """Through the bounded lookup, botocore still reaches moto by name (`localhost`)."""
+    import boto3
+
+    resolv, _ = silent_nameserver
+    boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto_server, aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_secret(
+        Name="dns-probe", SecretString='{"client_id": "cid", "client_secret": "s3cr3t-Client-7Hq2"}')
+    result = probe(resolv, "aws", moto_server.replace("127.0.0.1", "localhost"), "5", "dns-probe")
     assert result["ok"] is True, result
