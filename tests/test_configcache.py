@@ -380,10 +380,23 @@ def test_a_user_name_in_control_operators_is_resolved_again_on_a_hit(tmp_path, e
 # ---- the daemon
 
 
-def test_run_on_a_cache_hit_imports_no_pydantic_and_behaves_as_on_a_miss(tmp_path, oauth, monkeypatch):
+@pytest.mark.parametrize("store", ["file", "aws"])
+def test_run_on_a_cache_hit_imports_no_pydantic_and_behaves_as_on_a_miss(tmp_path, oauth, monkeypatch, request,
+                                                                         store):
+    """With an AWS sink too: boto3 is imported then, pydantic still not."""
     monkeypatch.setenv("CACHE_DIRECTORY", str(tmp_path / "cache"))
-    project = Project(tmp_path, oauth, log={"level": "DEBUG"})
-    project.add_client("svc")
+    env = dict(os.environ)
+    if store == "aws":
+        from fixtures_stores import AWS_ENV
+
+        env.update(AWS_ENV, AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+        project = Project(tmp_path, oauth, log={"level": "DEBUG"},
+                          aws={"endpoint_url": request.getfixturevalue("moto_server"), "region": "us-east-1"})
+        project.add_client("svc")
+        project.clients[0]["sinks"].append({"type": "aws", "secret_id": f"cache-hit-{os.getpid()}-{id(project)}"})
+    else:
+        project = Project(tmp_path, oauth, log={"level": "DEBUG"})
+        project.add_client("svc")
     outputs = []
     for run in range(2):
         project.token_path("svc").unlink(missing_ok=True)
@@ -391,7 +404,7 @@ def test_run_on_a_cache_hit_imports_no_pydantic_and_behaves_as_on_a_miss(tmp_pat
         log_path = tmp_path / f"run-{run}.log"
         with open(log_path, "w") as log:
             process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "tokensmith", "run", "--config",
-                                        str(project.config)], stdout=log, stderr=subprocess.STDOUT)
+                                        str(project.config)], stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for(lambda: project.token("svc") and "event=ready" in log_path.read_text(), 20)
             status = project.cli("status", "--json")
@@ -406,6 +419,7 @@ def test_run_on_a_cache_hit_imports_no_pydantic_and_behaves_as_on_a_miss(tmp_pat
     assert "config cache hit" in hit_log
     assert not {name for name in hit_imports if name.split(".")[0] in ("pydantic", "pydantic_core", "yaml")}
     assert "tokensmith.config" not in hit_imports
+    assert ("boto3" in hit_imports) == (store == "aws")  # the AWS sink was really built
     for status in (miss_status, hit_status):
         assert [client["client"] for client in status["clients"]] == ["svc"] and status["clients"][0]["valid"]
 

@@ -903,3 +903,23 @@ def test_keepers_without_their_own_generator_share_one_for_jitter(server, clock,
                       TokenClient(config, clock=clock), store, clock=clock) for _ in range(2)]
     assert keepers[0].rng is keepers[1].rng and isinstance(keepers[0].rng, random.Random)
     assert 0 <= keepers[0].backoff(3, None) <= config.refresh.backoff_max
+
+
+def test_a_token_file_gone_since_the_state_recorded_it_is_written_again_at_start_up(server, clock, tmp_path):
+    """A reboot empties /run: the state (kept with a sink that cannot tell, such as Vault's) still says
+    the file holds the token; the file is asked, and written again before the token is due."""
+    path = tmp_path / "run" / "c1.token"
+    path.parent.mkdir()
+
+    def sinks():
+        return [FileSink(FileSinkConfig(type="file", path=path), "c1"), MemorySink("memory:no-read-back")]
+
+    first = make_keeper(server, clock, tmp_path, sinks=sinks())
+    first.run_due()
+    fp = first.state.token.fingerprint
+    assert StateStore(tmp_path / "state").load("c1").sinks_written == {f"file:{path}": fp, "memory:no-read-back": fp}
+    path.unlink()
+    keeper = make_keeper(server, clock, tmp_path, sinks=sinks())
+    assert [sink.name for sink in keeper.pending_sinks()] == [f"file:{path}"]
+    keeper.run_due()
+    assert path.read_text() == first.state.access_token and server.stats["issued"] == 1

@@ -19,7 +19,7 @@ except ImportError as exc:  # a file- or Vault-only install
     raise ConfigError("the config uses AWS Secrets Manager but boto3 is not installed: "
                       "pip install 'tokensmith[aws]'") from exc
 
-from tokensmith.config import AwsConfig
+from tokensmith.configview import AWS_TIMEOUT
 from tokensmith.deadline import limit, watched_pool_classes
 
 RETRYABLE_CODES = {"ThrottlingException", "Throttling", "TooManyRequestsException", "RequestLimitExceeded",
@@ -58,21 +58,23 @@ class DeadlineSender:
         return getattr(self._http, name)
 
 
-def make_client(service: str, config: AwsConfig | None, pool_size: int = 10) -> Any:
-    config = config or AwsConfig()
+def make_client(service: str, config, pool_size: int = 10, timeout: float | None = None) -> Any:
+    """config: the `aws:` section (model or view), None when the config has none; timeout overrides its."""
+    timeout = timeout or (config.timeout if config is not None else AWS_TIMEOUT)
     # total_max_attempts counts the first request; botocore's "max_attempts" counts retries only
-    settings = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=config.timeout,
-                      read_timeout=config.timeout, max_pool_connections=max(pool_size, 10))
+    settings = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
+                      read_timeout=timeout, max_pool_connections=max(pool_size, 10))
     try:
         # a Session per client: boto3's default session is not thread-safe, its clients are
-        client = boto3.session.Session().client(service, region_name=config.region, endpoint_url=config.endpoint_url,
+        client = boto3.session.Session().client(service, region_name=config.region if config is not None else None,
+                                                endpoint_url=config.endpoint_url if config is not None else None,
                                                 config=settings)
     except boto_exc.NoRegionError as exc:
         raise ConfigError("no AWS region: set aws.region or AWS_REGION") from exc
     except (boto_exc.BotoCoreError, ValueError) as exc:
         raise ConfigError(f"cannot create the AWS {service} client ({type(exc).__name__})") from exc
     endpoint = client._endpoint
-    endpoint.http_session = DeadlineSender(endpoint.http_session, config.timeout)
+    endpoint.http_session = DeadlineSender(endpoint.http_session, timeout)
     return client
 
 

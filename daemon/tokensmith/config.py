@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from tokensmith.configview import (ClientBehaviour, LeaderBehaviour, SettingsBehaviour, _check_port, _utf8,  # noqa: F401
+from tokensmith.configview import (AWS_TIMEOUT, ClientBehaviour, LeaderBehaviour, SettingsBehaviour, _check_port, _utf8,  # noqa: F401
                                    backend_types, check_endpoint_url, is_loopback_host)
 from tokensmith.errors import ConfigError
 
@@ -335,7 +335,7 @@ class VaultConfig(Model):
 class AwsConfig(Model):
     region: str | None = None
     endpoint_url: str | None = None
-    timeout: float = Field(10.0, gt=0, le=120)
+    timeout: float = Field(AWS_TIMEOUT, gt=0, le=120)
 
     @field_validator("endpoint_url")
     @classmethod

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+AWS_TIMEOUT = 10.0  # aws.timeout's default: also what an AWS client uses when the config has no `aws:`
+
 
 class SettingsBehaviour:
     __slots__ = ()

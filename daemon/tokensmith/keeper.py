@@ -118,11 +118,17 @@ class Keeper:
             self.refresh_at = 0.0
 
     def _recognise_sinks(self, token: Token) -> None:
+        """A sink that can tell (a file) is asked, whatever the state recorded: a token file on a tmpfs
+        (/run) is gone after a reboot, while the record of it, saved with a Vault or AWS sink's, is not."""
         written = self.state.sinks_written
         current = token.fingerprint
         for sink in self.sinks:
-            if written.get(sink.name) != current and hasattr(sink, "holds") and sink.holds(token):
+            if not hasattr(sink, "holds"):
+                continue
+            if sink.holds(token):
                 written[sink.name] = current
+            elif written.get(sink.name) == current:
+                del written[sink.name]
 
     def check_sinks(self) -> None:
         """Raise for a sink that can never work; a store that is merely down now is retried on write."""

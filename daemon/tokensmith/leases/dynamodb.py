@@ -20,12 +20,11 @@ class DynamoLease:
 
     @classmethod
     def from_settings(cls, settings, backends) -> "DynamoLease":
-        from tokensmith.aws import make_client
-        from tokensmith.config import AwsConfig
+        from tokensmith.aws import AWS_TIMEOUT, make_client
 
-        aws = settings.aws or AwsConfig()
-        timeout = min(aws.timeout, 5.0, max(settings.leader.renew_every, 0.5))
-        return cls(make_client("dynamodb", type(aws)(**{**dict(aws), "timeout": timeout})), settings.state.table)
+        aws = settings.aws
+        timeout = min(aws.timeout if aws is not None else AWS_TIMEOUT, 5.0, max(settings.leader.renew_every, 0.5))
+        return cls(make_client("dynamodb", aws, timeout=timeout), settings.state.table)
 
     def fence_condition(self, holder: str, epoch: int) -> dict:
         """A ConditionCheck on this item for the state backend's writes (one transaction each): a
