@@ -491,10 +491,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     # announced only once serving, so a Ctrl-C sent after reading the URL cannot land inside start()
     with server:
-        for client_id, _, dialect in clients:
-            print(f"client {client_id} ({dialect} dialect)")
-        print(server.token_url, flush=True)
-        try:
+        try:  # the announcement too: a reader may signal before print() has returned
+            for client_id, _, dialect in clients:
+                print(f"client {client_id} ({dialect} dialect)")
+            print(server.token_url, flush=True)
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
