@@ -912,7 +912,7 @@ def test_a_token_file_gone_since_the_state_recorded_it_is_written_again_at_start
     path.parent.mkdir()
 
     def sinks():
-        return [FileSink(FileSinkConfig(type="file", path=path), "c1"), MemorySink("memory:no-read-back")]
+        return [MemorySink("memory:no-read-back"), FileSink(FileSinkConfig(type="file", path=path), "c1")]
 
     first = make_keeper(server, clock, tmp_path, sinks=sinks())
     first.run_due()
