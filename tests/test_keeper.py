@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from fakes import FailingSink, FakeClock, MemorySink, StaticSource
+from fakes import FailingSink, MemorySink, StaticSource
+from keeper_fixtures import clock, server  # noqa: F401  (fixtures)
 from tokensmith.config import ClientConfig, FileSinkConfig
-from tokensmith.devserver import OAuthServer
 from tokensmith.errors import ConfigError, TokenEndpointError
 from tokensmith.keeper import Keeper
 from tokensmith.metrics import reason_label
@@ -16,19 +16,6 @@ from tokensmith.sinks.file import FileSink
 from tokensmith.sources import Credentials
 from tokensmith.state import StateStore
 from tokensmith.tokenclient import TokenClient
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def server(clock):
-    with OAuthServer(access_lifetime=600, clock=clock) as server:
-        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
-        server.add_client("svc", "svc-secret", dialect="basic")
-        yield server
 
 
 def make_keeper(server, clock, tmp_path, *, grant="password", auth_style="post", client_id="app",

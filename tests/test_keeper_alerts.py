@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from fakes import FakeClock, MemorySink, StaticSource
+from fakes import MemorySink, StaticSource
+from keeper_fixtures import clock, server  # noqa: F401  (fixtures)
 from tokensmith.config import ClientConfig
-from tokensmith.devserver import OAuthServer
 from tokensmith.keeper import Keeper
 from tokensmith.state import StateStore
 from tokensmith.tokenclient import TokenClient
@@ -19,18 +19,6 @@ from tokensmith.tokens import fingerprint
 
 INVALID_GRANT_ALERT = ("invalid_grant: the provider refused the refresh token (spent, expired or revoked; a reused "
                        "one makes some providers revoke its whole family); put a new refresh token in the source")
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def server(clock):
-    with OAuthServer(access_lifetime=600, clock=clock) as server:
-        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
-        yield server
 
 
 def keeper_for(server, clock, tmp_path, grant, refresh=None, **creds):

@@ -12,9 +12,9 @@ import re
 
 import pytest
 
-from fakes import FailingSink, FakeClock, MemorySink, StaticSource
+from fakes import FailingSink, MemorySink, StaticSource
+from keeper_fixtures import clock, server  # noqa: F401  (fixtures)
 from tokensmith.config import ClientConfig
-from tokensmith.devserver import OAuthServer
 from tokensmith.errors import InternalError, SourceError, StateError, TokenEndpointError
 from tokensmith.keeper import Keeper, _internal
 from tokensmith.redact import MARK
@@ -35,18 +35,6 @@ class ScriptedTokenClient:
         if self.errors:
             raise self.errors.pop(0)
         return self.real.obtain(grant, creds, refresh_token=refresh_token)
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def server(clock):
-    with OAuthServer(access_lifetime=600, clock=clock) as server:
-        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
-        yield server
 
 
 def make_keeper(server, clock, tmp_path, *, auth_style="post", refresh=None, source=None, sinks=None, hooks=None):

@@ -4,24 +4,12 @@ import random
 
 import pytest
 
-from fakes import FakeClock, MemorySink, StaticSource
+from fakes import MemorySink, StaticSource
+from keeper_fixtures import clock, server  # noqa: F401  (fixtures)
 from tokensmith.config import ClientConfig
-from tokensmith.devserver import OAuthServer
 from tokensmith.keeper import Keeper
 from tokensmith.state import StateStore
 from tokensmith.tokenclient import TokenClient
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
-
-
-@pytest.fixture
-def server(clock):
-    with OAuthServer(access_lifetime=600, clock=clock) as server:
-        server.add_client("app", "app-secret", dialect="post", users={"alice": "alice-password"})
-        yield server
 
 
 def keeper_for(server, clock, tmp_path, grant, source, refresh=None):
