@@ -61,13 +61,13 @@ class DeadlineSender:
 def make_client(service: str, config, pool_size: int = 10, timeout: float | None = None) -> Any:
     """config: the `aws:` section (model or view), None when the config has none; timeout overrides its."""
     timeout = timeout or (config.timeout if config is not None else AWS_TIMEOUT)
+    region, endpoint_url = (config.region, config.endpoint_url) if config is not None else (None, None)
     # total_max_attempts counts the first request; botocore's "max_attempts" counts retries only
     settings = Config(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=timeout,
                       read_timeout=timeout, max_pool_connections=max(pool_size, 10))
     try:
         # a Session per client: boto3's default session is not thread-safe, its clients are
-        client = boto3.session.Session().client(service, region_name=config.region if config is not None else None,
-                                                endpoint_url=config.endpoint_url if config is not None else None,
+        client = boto3.session.Session().client(service, region_name=region, endpoint_url=endpoint_url,
                                                 config=settings)
     except boto_exc.NoRegionError as exc:
         raise ConfigError("no AWS region: set aws.region or AWS_REGION") from exc

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from tokensmith.configview import (AWS_TIMEOUT, ClientBehaviour, LeaderBehaviour, SettingsBehaviour, _check_port, _utf8,  # noqa: F401
-                                   backend_types, check_endpoint_url, is_loopback_host)
+from tokensmith.configview import (AWS_TIMEOUT, ClientBehaviour, LeaderBehaviour, SettingsBehaviour,  # noqa: F401
+                                   _check_port, _utf8, backend_types, check_endpoint_url, is_loopback_host)
 from tokensmith.errors import ConfigError
 
 ENV_PREFIX = "TOKENSMITH_"

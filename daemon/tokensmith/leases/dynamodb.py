@@ -20,7 +20,8 @@ class DynamoLease:
 
     @classmethod
     def from_settings(cls, settings, backends) -> "DynamoLease":
-        from tokensmith.aws import AWS_TIMEOUT, make_client
+        from tokensmith.aws import make_client
+        from tokensmith.configview import AWS_TIMEOUT
 
         aws = settings.aws
         timeout = min(aws.timeout if aws is not None else AWS_TIMEOUT, 5.0, max(settings.leader.renew_every, 0.5))
