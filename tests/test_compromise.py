@@ -263,6 +263,18 @@ class NonRotatingServer(OAuthServer):
             self.issue_refresh_tokens = rotating
 
 
+def proxies_to_a_dead_port(monkeypatch) -> int:
+    """Every proxy variable of the environment names a closed loopback port (returned); NO_PROXY unset."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return dead
+
+
 def make_keeper(server, tmp_path, *, sinks=None, **fields):
     import random
 
@@ -682,13 +694,7 @@ def test_verify_url_follows_the_clients_proxy_setting_not_a_separate_rule(resour
     overrules the environment's proxy; without a `proxy` setting the environment's proxy is used."""
     from tokensmith.compromise import verify_with_resource
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    dead = proxies_to_a_dead_port(monkeypatch)
     r = resource({"Bearer new": (200, {})})
     assert verify_with_resource(r.url, "old", "new", timeout=5, proxy="none") == "verified"
     assert r.seen == ["Bearer old", "Bearer new"]

@@ -210,17 +210,9 @@ def test_the_audit_record_also_goes_to_the_state_backend(tmp_path):
 
 
 def test_the_resource_check_goes_the_clients_way_not_the_environments(tmp_path, monkeypatch):
-    import socket
+    from test_compromise import Resource, proxies_to_a_dead_port
 
-    from test_compromise import Resource
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = probe.getsockname()[1]
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.setenv(name, f"http://127.0.0.1:{dead}")
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    proxies_to_a_dead_port(monkeypatch)
     with OAuthServer(access_lifetime=300) as server:
         keeper = make_keeper(server, tmp_path, proxy="none")
         keeper.run_due()
